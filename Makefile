@@ -1,0 +1,34 @@
+# The two README commands: `make demo` (whole pipeline on generated data) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export SPARK_LOCAL_IP := 127.0.0.1
+export PYSPARK_PYTHON := $(BIN)/python
+export PYSPARK_DRIVER_PYTHON := $(BIN)/python
+NP ?= 2
+
+.PHONY: install demo demo-data etl train results test clean
+
+install:
+	bash install/setup_env.sh
+
+demo: install demo-data etl train results
+
+demo-data:
+	@test -f demo_data/nih/Data_Entry_2017.csv || python -m etl.demo_data --output demo_data/nih
+
+etl:
+	time spark-submit --master 'local[2]' etl/preprocess.py --config conf/demo.yaml
+
+train:
+	time horovodrun -np $(NP) -H localhost:$(NP) python training/train.py --config conf/demo.yaml
+
+results:
+	python -m training.show_results --table outputs/demo/results_delta --history
+
+test: install
+	time python -m pytest tests -ra
+
+clean:
+	rm -rf outputs demo_data

@@ -1,0 +1,268 @@
+"""Chest X-rays -> Parquet partitioned by patient-level split (Spark job).
+
+    spark-submit etl/preprocess.py --source nih --data-root /data/nih --output /data/nih_512 --size 512
+
+The driver builds a manifest (labels joined to file paths, no pixels), assigns splits by
+patient and rejects rows it can already judge (missing file, unknown label...). Executors
+then decode, convert to grey 8-bit and resize in `mapInPandas`. Rows that fail to decode
+are quarantined, not dropped: `OUTPUT/_quarantine/rejects.parquet` lists every row not
+written with its reason, and `OUTPUT/_etl_summary.json` reconciles the counts
+(rows read = rows written + rows quarantined). The output appears atomically: it is written
+beside OUTPUT and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from etl.config import dump_config, parse_args
+from etl.images import ImageError, decode_resize, normalise
+from etl.schema import METADATA_COLUMNS, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, split_dir
+from etl.sources import SOURCES, get_source
+from etl.sources.manifest import REJECT_COLUMNS, resolve_inside
+from etl.splits import assign_splits, check_patient_disjoint, parse_fractions
+
+log = logging.getLogger("etl")
+QUARANTINE_SPLIT = "quarantine"
+SIZES = (224, 256, 512, 1024)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", choices=sorted(SOURCES), help="dataset layout of --data-root")
+    parser.add_argument("--data-root", help="folder of the download (images and label files below it)")
+    parser.add_argument("--labels-csv", help="NIH only: label table, if not DATA_ROOT/Data_Entry_2017*.csv")
+    parser.add_argument("--output", help="dataset folder to create (Parquet, partitioned by split)")
+    parser.add_argument("--size", type=int, default=512,
+                        help=f"square output size in pixels; the reports used {SIZES} (default 512)")
+    parser.add_argument("--dtype", choices=PIXEL_DTYPES, default="uint8",
+                        help="uint8: grey bytes, normalised by the loader (compact, default); "
+                             "float32: 3-channel ImageNet-normalised floats (12x larger)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")
+    parser.add_argument("--split-fractions", default="0.7,0.1,0.2",
+                        help="train,val,test fractions of patients when the dataset has no official "
+                             "test list; with one, train:val divides the official train_val part")
+    parser.add_argument("--rows-per-file", type=int, default=256,
+                        help="rows per Parquet file; each file is one or more row groups, the unit "
+                             "Petastorm shards across training ranks (default 256)")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.05,
+                        help="fail the job when more than this fraction of rows is quarantined "
+                             "(default 0.05; the output is still written for inspection)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--master", help="Spark master when run without spark-submit (default local[*])")
+    return parser
+
+
+def spark_session(master: str | None):
+    from pyspark.sql import SparkSession
+
+    # Python workers must run this interpreter (the venv's), not whatever `python3` is on PATH.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName("cxr-preprocess")
+    if master:
+        builder = builder.master(master)
+    elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # not started by spark-submit
+        builder = builder.master("local[*]")
+    spark = (
+        builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+        .config("spark.ui.showConsoleProgress", "true")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def decode_batches(data_root: str, spec: DatasetSpec):
+    """The mapInPandas function: adds the pixel column; failures go to the quarantine split."""
+    root = Path(data_root)
+
+    def decode(frames):
+        for frame in frames:
+            pixels, reasons, details = [], [], []
+            for relative in frame["source_path"]:
+                try:
+                    grey = decode_resize(resolve_inside(root, relative).read_bytes(), spec.image_size)
+                    data = grey if spec.pixel_dtype == "uint8" else normalise(grey, spec.mean, spec.std)
+                    pixels.append(data.tobytes())
+                    reasons.append(None)
+                    details.append(None)
+                except (ImageError, OSError, ValueError) as exc:
+                    pixels.append(None)
+                    reasons.append(getattr(exc, "reason", None) or failure_reason(exc))
+                    details.append(str(exc))
+            failed = pd.Series(reasons, index=frame.index).notna()
+            yield frame.assign(**{
+                spec.pixel_column: pixels,
+                "quarantine_reason": reasons,
+                "quarantine_detail": details,
+                "split": frame["split"].where(~failed, QUARANTINE_SPLIT),
+            })
+
+    return decode
+
+
+def failure_reason(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "image_missing"
+    if isinstance(exc, ValueError):
+        return "path_escapes_root"
+    return "unreadable_file"
+
+
+def output_schema(spec: DatasetSpec):
+    from pyspark.sql.types import BinaryType, StringType, StructField, StructType, _parse_datatype_string
+
+    columns = _parse_datatype_string(", ".join(f"{name} {kind}" for name, kind in METADATA_COLUMNS.items()))
+    return StructType(list(columns.fields) + [
+        StructField("split", StringType()),
+        StructField(spec.pixel_column, BinaryType(), metadata={SPEC_METADATA_KEY: spec.to_json()}),
+        StructField("quarantine_reason", StringType()),
+        StructField("quarantine_detail", StringType()),
+    ])
+
+
+def write_parquet(spark, rows: pd.DataFrame, data_root: str, spec: DatasetSpec, staging: Path, rows_per_file: int):
+    """Decode and write all rows; returns nothing, the files are the result."""
+    schema = output_schema(spec)
+    input_schema = [field.name for field in schema.fields if field.name in METADATA_COLUMNS or field.name == "split"]
+    manifest = spark.createDataFrame(rows[input_schema], schema=_input_struct(schema, input_schema))
+    partitions = max(2 * spark.sparkContext.defaultParallelism, -(-len(rows) // rows_per_file))
+    (
+        manifest.repartition(partitions, "patient_id")
+        .mapInPandas(decode_batches(data_root, spec), schema)
+        # A fixed row order makes reruns byte-identical and satisfies the writer's sort.
+        .sortWithinPartitions("split", "image_id")
+        .write.partitionBy("split")
+        .option("maxRecordsPerFile", rows_per_file)
+        .parquet(str(staging))
+    )
+
+
+def _input_struct(schema, names):
+    from pyspark.sql.types import StructType
+
+    return StructType([schema[name] for name in names])
+
+
+def collect_decode_rejects(staging: Path) -> pd.DataFrame:
+    """Rows the executors quarantined, as reject records; removes their partition folder."""
+    folder = split_dir(staging, QUARANTINE_SPLIT)
+    if not folder.exists():
+        return pd.DataFrame(columns=REJECT_COLUMNS)
+    table = pq.read_table(folder, columns=["image_id", "source_path", "source_row", "quarantine_reason",
+                                           "quarantine_detail"])
+    shutil.rmtree(folder)
+    frame = table.to_pandas().rename(columns={"quarantine_reason": "reason", "quarantine_detail": "detail"})
+    return frame[REJECT_COLUMNS]
+
+
+def written_rows(staging: Path) -> pd.DataFrame:
+    """patient_id and split of every row written (read back from the files, not trusted)."""
+    frames = []
+    for split in SPLITS:
+        folder = split_dir(staging, split)
+        if folder.exists():
+            ids = pq.read_table(folder, columns=["patient_id"]).column("patient_id").to_pandas()
+            frames.append(pd.DataFrame({"patient_id": ids, "split": split}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["patient_id", "split"])
+
+
+def commit(staging: Path, output: Path, overwrite: bool) -> None:
+    """Make the finished dataset visible in one rename (an existing one only with --overwrite)."""
+    if output.exists():
+        retired = output.with_name(f"{output.name}.old-{uuid.uuid4().hex[:8]}")
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(output)
+
+
+def run(args: argparse.Namespace) -> dict:
+    missing = [flag for flag in ("source", "data_root", "output") if not getattr(args, flag)]
+    if missing:
+        raise SystemExit(f"missing --{', --'.join(m.replace('_', '-') for m in missing)} (or set them in --config)")
+    output = Path(args.output).resolve()
+    if output.exists() and not args.overwrite:
+        raise SystemExit(f"{output} exists; pass --overwrite to replace it")
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    manifest = get_source(args.source).build_manifest(args.data_root, **(
+        {"labels_csv": args.labels_csv} if args.labels_csv else {}))
+    rows = manifest.rows
+    rows["split"] = assign_splits(rows["patient_id"], args.seed, parse_fractions(args.split_fractions),
+                                  rows["official_split"] if rows["official_split"].notna().any() else None)
+    check_patient_disjoint(rows["patient_id"], rows["split"])
+    timings["manifest"] = time.perf_counter() - started
+    log.info("manifest: %d rows read, %d to decode (%s), %d rejected before decoding, %.1fs",
+             manifest.rows_read, len(rows), rows["split"].value_counts().to_dict(), len(manifest.rejects),
+             timings["manifest"])
+
+    spec = DatasetSpec(manifest.dataset, manifest.label_names, args.size, args.dtype)
+    staging = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        started = time.perf_counter()
+        if len(rows):
+            spark = spark_session(args.master)
+            write_parquet(spark, rows, str(Path(args.data_root).resolve()), spec, staging, args.rows_per_file)
+        timings["decode_write"] = time.perf_counter() - started
+        staging.mkdir(exist_ok=True)  # Spark creates it, unless there was nothing to decode
+        rejects = pd.concat([manifest.rejects, collect_decode_rejects(staging)], ignore_index=True)
+        written = written_rows(staging)
+        check_patient_disjoint(written["patient_id"], written["split"])
+        summary = {
+            "dataset": spec.dataset,
+            "rows_read": manifest.rows_read,
+            "rows_written": {split: int((written["split"] == split).sum()) for split in SPLITS},
+            "rows_quarantined": len(rejects),
+            "quarantined_by_reason": rejects["reason"].value_counts().to_dict(),
+            "patients": {split: int(written.loc[written["split"] == split, "patient_id"].nunique()) for split in SPLITS},
+            "seconds": timings,
+        }
+        if sum(summary["rows_written"].values()) + summary["rows_quarantined"] != summary["rows_read"]:
+            raise RuntimeError(f"row counts do not reconcile, nothing committed: {summary}")
+        log.info("decode+write: %s rows written, %d quarantined %s, %.1fs (%.1f img/s)",
+                 summary["rows_written"], len(rejects), summary["quarantined_by_reason"], timings["decode_write"],
+                 len(rows) / max(timings["decode_write"], 1e-9))
+        (staging / "_quarantine").mkdir()
+        pq.write_table(pa.Table.from_pandas(rejects.astype({"source_row": "int64"}), preserve_index=False),
+                       staging / "_quarantine" / "rejects.parquet")
+        (staging / "_etl_summary.json").write_text(json.dumps(summary, indent=2))
+        dump_config(args, staging / "_etl_config.yaml")
+        commit(staging, output, args.overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("committed %s (quarantine: %s)", output, output / "_quarantine" / "rejects.parquet")
+    bad_fraction = summary["rows_quarantined"] / max(summary["rows_read"], 1)
+    if bad_fraction > args.max_bad_fraction:
+        raise SystemExit(
+            f"{bad_fraction:.1%} of rows were quarantined (limit --max-bad-fraction {args.max_bad_fraction}): "
+            f"{summary['quarantined_by_reason']}; see {output / '_quarantine' / 'rejects.parquet'}"
+        )
+    return summary
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run(parse_args(build_parser(), "etl", argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""NIH ChestX-ray14: `Data_Entry_2017*.csv`, PNGs anywhere below the data root, and the
+optional official `train_val_list.txt` / `test_list.txt`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from etl.sources.manifest import MANIFEST_COLUMNS, Manifest, index_images, rejects_frame
+
+DATASET = "nih"
+# The order of CheXNet (Rajpurkar et al. 2017) and of the NIH paper's tables.
+LABEL_NAMES = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+NO_FINDING = "No Finding"
+MAX_PLAUSIBLE_AGE = 120  # NIH has a few ages over 100 (up to 414): data errors, stored as null
+
+
+def find_labels_csv(data_root: Path) -> Path:
+    candidates = sorted(data_root.glob("Data_Entry_2017*.csv*"))
+    if not candidates:
+        raise FileNotFoundError(
+            f"no Data_Entry_2017*.csv in {data_root}; pass --labels-csv with the NIH label table"
+        )
+    return candidates[0]
+
+
+def read_official_lists(data_root: Path) -> dict[str, str] | None:
+    """image file name -> 'train_val' or 'test', when both official lists are present."""
+    lists = {"train_val": data_root / "train_val_list.txt", "test": data_root / "test_list.txt"}
+    if not all(path.exists() for path in lists.values()):
+        return None
+    official = {}
+    for split, path in lists.items():
+        for name in path.read_text().split():
+            official[name] = split
+    return official
+
+
+def parse_labels(findings: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """'A|B' strings -> (multi-hot lists in LABEL_NAMES order, unknown label names or '')."""
+    position = {name: i for i, name in enumerate(LABEL_NAMES)}
+    vectors, unknown = [], []
+    for text in findings.fillna(""):
+        names = [name.strip() for name in text.split("|") if name.strip() and name.strip() != NO_FINDING]
+        vector = [0.0] * len(LABEL_NAMES)
+        bad = []
+        for name in names:
+            if name in position:
+                vector[position[name]] = 1.0
+            else:
+                bad.append(name)
+        vectors.append(vector)
+        unknown.append("|".join(bad))
+    return pd.Series(vectors, index=findings.index), pd.Series(unknown, index=findings.index)
+
+
+def parse_age(ages: pd.Series) -> pd.Series:
+    """Years as nullable int; '058Y' (the 2017 release) and '58' (2020) both parse."""
+    years = pd.to_numeric(ages.astype(str).str.rstrip("Yy"), errors="coerce")
+    years[(years < 0) | (years > MAX_PLAUSIBLE_AGE)] = float("nan")
+    return years.astype("Int32")
+
+
+def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None) -> Manifest:
+    data_root = Path(data_root)
+    table = pd.read_csv(labels_csv or find_labels_csv(data_root), dtype=str)
+    table["source_row"] = range(1, len(table) + 1)  # 1-based data row, header excluded
+    index, ambiguous = index_images(data_root, (".png",))
+    official = read_official_lists(data_root)
+
+    labels, unknown = parse_labels(table["Finding Labels"])
+    rows = pd.DataFrame({
+        "image_id": table["Image Index"],
+        "patient_id": table["Patient ID"].str.strip(),
+        "source_path": table["Image Index"].map(index),
+        "source_row": table["source_row"],
+        "labels": labels,
+        "age": parse_age(table["Patient Age"]),
+        "sex": table["Patient Gender"].str.strip().str.upper().where(lambda s: s.isin(["M", "F"])),
+        "view_position": table["View Position"].str.strip().str.upper(),
+        "official_split": table["Image Index"].map(official) if official else None,
+    })[MANIFEST_COLUMNS]
+
+    reasons = pd.Series(None, index=rows.index, dtype=object)
+    details = pd.Series(None, index=rows.index, dtype=object)
+    checks = [
+        (rows["official_split"].isna() if official else None, "not_in_official_lists",
+         "image is in neither train_val_list.txt nor test_list.txt"),
+        (unknown != "", "unknown_label", "unknown label(s): " + unknown),
+        (rows["image_id"].isin(ambiguous), "ambiguous_file", "more than one file with this name below the data root"),
+        (rows["source_path"].isna(), "image_missing", "image file not found below " + str(data_root)),
+        (rows["image_id"].duplicated(keep="first"), "duplicate_image_id", "image id listed earlier in the CSV"),
+    ]
+    for mask, reason, detail in checks:  # later checks win: the most basic reason is reported
+        if mask is not None:
+            reasons[mask] = reason
+            details[mask] = detail if isinstance(detail, str) else detail[mask]
+    bad = reasons.notna()
+    rejects = rejects_frame([
+        {"image_id": r.image_id, "source_path": r.source_path or r.image_id, "source_row": r.source_row,
+         "reason": reason, "detail": detail}
+        for r, reason, detail in zip(rows[bad].itertuples(), reasons[bad], details[bad])
+    ])
+    return Manifest(DATASET, LABEL_NAMES, rows[~bad].reset_index(drop=True), rejects)

@@ -1,0 +1,26 @@
+"""cxr-pipeline: Spark ETL + distributed PyTorch training for chest X-ray pathology.
+
+Install with `make install` (see install/setup_env.sh): Petastorm and Horovod need steps
+that pip's resolver cannot express (Petastorm without its setuptools<70 pin, Horovod built
+from a patched sdist), so they are not listed here.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="cxr-pipeline",
+    version="0.1.0",
+    description="Chest X-ray pathology pipeline: Spark ETL to Parquet, Petastorm + Horovod training, AUROC in Delta",
+    python_requires=">=3.10",
+    packages=find_packages(include=["etl", "etl.*", "training", "training.*"]),
+    install_requires=[
+        "numpy>=1.24,<2",  # petastorm 0.13.1 fails with numpy 2
+        "pyarrow>=11,<15",  # petastorm 0.13.1 needs pyarrow.filesystem and validate_schema
+        "pandas>=2",
+        "pillow>=10",
+        "pyyaml",
+    ],
+    extras_require={
+        "etl": ["pyspark>=3.5,<4.1"],  # pyspark 4.1+ requires pyarrow >= 18
+        "train": ["torch>=2.1", "torchvision", "scikit-learn", "deltalake>=1.0", "tqdm", "matplotlib"],
+    },
+)

@@ -1,0 +1,51 @@
+"""Shared fixtures. Real data comes from ../shared/data (never copied into the repo);
+tests that need it skip with the reason when it is absent."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
+NIH = SHARED_DATA / "nih"
+KERMANY = SHARED_DATA / "kermany" / "train"
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set CXR_SHARED_DATA to the shared/data folder)")
+    return path
+
+
+def run_cli(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run a project command line as a user would; fail the test with its output on error."""
+    environment = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
+    result = subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env=environment)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+                    f"\n--- stderr\n{result.stderr[-6000:]}")
+    return result
+
+
+def spark_etl(*args, **kwargs) -> subprocess.CompletedProcess:
+    return run_cli(BIN / "spark-submit", "--master", "local[2]", "etl/preprocess.py", *args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def nih_dataset(tmp_path_factory) -> Path:
+    """The 100 real NIH PNGs through the Spark ETL at 64 px, 8 rows per file (built once)."""
+    require(NIH / "images")
+    output = tmp_path_factory.mktemp("etl") / "nih_64"
+    spark_etl("--source", "nih", "--data-root", NIH, "--labels-csv", NIH / "Data_Entry_sample.csv",
+              "--output", output, "--size", 64, "--rows-per-file", 8)
+    return output

@@ -1,0 +1,71 @@
+"""Per-label AUROC rows in a Delta table: one row per (run, stage, split, label).
+
+Two writers, chosen by `--results-engine`:
+- `deltalake` (delta-rs, default): a real Delta table (transaction log, versions, history)
+  written without Spark; what runs on a laptop and in CI.
+- `delta-spark`: through a Spark session that has the Delta jars, as on Databricks. Spark is
+  imported only when this engine is chosen, so training never needs it otherwise.
+Appends never overwrite: each write is one new table version.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+RESULT_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("dataset", pa.string()),
+    ("image_size", pa.int32()),
+    ("model", pa.string()),
+    ("stage", pa.string()),
+    ("split", pa.string()),
+    ("label", pa.string()),
+    ("auroc", pa.float64()),
+    ("n_pos", pa.int64()),
+    ("n_neg", pa.int64()),
+    ("best_epoch", pa.int32()),
+    ("world_size", pa.int32()),
+    ("backend", pa.string()),
+    ("data_wait_fraction", pa.float64()),
+    ("run_dir", pa.string()),
+])
+ENGINES = ("deltalake", "delta-spark")
+
+
+def append_results(table_uri: str, rows: list[dict], engine: str = "deltalake") -> None:
+    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    if engine == "deltalake":
+        from deltalake import write_deltalake
+
+        write_deltalake(table_uri, table, mode="append")
+    elif engine == "delta-spark":
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.builder.getOrCreate()  # a Databricks/Delta-enabled session
+        spark.createDataFrame(table.to_pandas()).write.format("delta").mode("append").save(table_uri)
+    else:
+        raise ValueError(f"unknown results engine {engine!r}; choose one of {ENGINES}")
+
+
+def read_results(table_uri: str) -> pd.DataFrame:
+    from deltalake import DeltaTable
+
+    return DeltaTable(table_uri).to_pandas()
+
+
+def latest_run(results: pd.DataFrame, run_id: str | None = None) -> pd.DataFrame:
+    """Rows of `run_id`, or of the run written last."""
+    if results.empty:
+        return results
+    if run_id is None:
+        run_id = results.sort_values("created_at")["run_id"].iloc[-1]
+    return results[results["run_id"] == run_id].sort_values("created_at", kind="stable")
+
+
+def auroc_table(run: pd.DataFrame) -> pd.DataFrame:
+    """Labels down, (stage, split) across, AUROC in the cells; rows and columns in written order."""
+    rows = list(dict.fromkeys(run["label"]))
+    columns = list(dict.fromkeys(zip(run["stage"], run["split"])))
+    table = run.pivot_table(index="label", columns=["stage", "split"], values="auroc", aggfunc="first", dropna=False)
+    return table.reindex(index=rows, columns=columns)

@@ -1,0 +1,45 @@
+"""Print a run's per-label AUROC table from the Delta results table.
+
+    python -m training.show_results --table outputs/results_delta            # latest run
+    python -m training.show_results --table outputs/results_delta --run-id R --history
+"""
+from __future__ import annotations
+
+import argparse
+from datetime import datetime, timezone
+
+import pandas as pd
+
+from training.results import auroc_table, latest_run, read_results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", default="outputs/results_delta", help="Delta table (default outputs/results_delta)")
+    parser.add_argument("--run-id", help="run to show (default: the latest)")
+    parser.add_argument("--history", action="store_true", help="also list the table's versions (one per write)")
+    args = parser.parse_args(argv)
+
+    run = latest_run(read_results(args.table), args.run_id)
+    if run.empty:
+        raise SystemExit(f"no rows{' for run ' + args.run_id if args.run_id else ''} in {args.table}")
+    first = run.iloc[0]
+    print(f"run {first.run_id}: {first.model} on {first.dataset} at {first.image_size}px, "
+          f"{first.world_size} {first.backend} rank(s), created {first.created_at:%Y-%m-%d %H:%M:%S} UTC")
+    counts = run[run["stage"] == run["stage"].iloc[0]].pivot_table(index="label", columns="split",
+                                                                  values="n_pos", aggfunc="first")
+    table = auroc_table(run)
+    table.columns = [f"{stage}/{split}" for stage, split in table.columns]
+    table = table.join(counts.add_prefix("n_pos/"))
+    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):
+        print(table.to_string(na_rep="-"))
+    if args.history:
+        from deltalake import DeltaTable
+
+        for entry in DeltaTable(args.table).history():
+            written = datetime.fromtimestamp(entry["timestamp"] / 1000, tz=timezone.utc)
+            print(f"version {entry.get('version')}: {entry.get('operation')} at {written:%Y-%m-%d %H:%M:%S} UTC")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Train a chest X-ray classifier on the ETL's Parquet: knowledge transfer, then fine-tuning.
+
+    python training/train.py --config conf/demo.yaml                        # one process
+    horovodrun -np 4 python training/train.py --config conf/nih.yaml        # Horovod (Gloo/NCCL)
+    torchrun --nproc_per_node 4 training/train.py --config conf/nih.yaml    # torch.distributed
+
+Stages run in order (`--stages kt,finetune`): `kt` freezes the backbone and trains the head,
+`finetune` trains every layer starting from the best `kt` weights. Each stage keeps the
+checkpoint with the best validation mean AUROC, evaluates it on val and test, and appends
+per-label AUROC rows to the Delta results table. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import logging
+import secrets
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from etl.config import dump_config, parse_args
+from etl.schema import read_dataset_spec
+from training import distributed
+from training.data import SplitReader, label_counts, prefetch, split_row_count, split_row_groups
+from training.metrics import mean_auroc, per_label_auroc
+from training.models import MODELS, build_model, head_name, set_backbone_trainable
+from training.results import ENGINES, append_results
+
+log = logging.getLogger("train")
+STAGES = ("kt", "finetune")
+EVAL_SPLITS = ("val", "test")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data and outputs")
+    data.add_argument("--dataset", help="folder written by etl/preprocess.py (its --output)")
+    data.add_argument("--output-dir", default="outputs/runs", help="runs go to OUTPUT_DIR/RUN_ID (default outputs/runs)")
+    data.add_argument("--results-table", default="outputs/results_delta", help="Delta table of AUROC rows")
+    data.add_argument("--results-engine", choices=ENGINES, default="deltalake",
+                      help="deltalake (delta-rs, no Spark; default) or delta-spark (a Spark session with Delta jars)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=sorted(MODELS), default="densenet121")
+    model.add_argument("--weights", default="imagenet", help="imagenet (downloads once), none, or a checkpoint path")
+    schedule = parser.add_argument_group("stages and optimisation")
+    schedule.add_argument("--stages", default="kt,finetune", help="comma-separated, from: " + ", ".join(STAGES))
+    schedule.add_argument("--epochs-kt", type=int, default=5, help="epochs of knowledge transfer (default 5)")
+    schedule.add_argument("--epochs-finetune", type=int, default=10, help="epochs of fine-tuning (default 10)")
+    schedule.add_argument("--lr-kt", type=float, default=1e-3, help="Adam learning rate per rank, kt (default 1e-3)")
+    schedule.add_argument("--lr-finetune", type=float, default=1e-4, help="same for finetune (default 1e-4)")
+    schedule.add_argument("--warmup-steps", type=int, default=20,
+                          help="linear LR warm-up steps; the LR is scaled by the number of ranks (default 20)")
+    schedule.add_argument("--batch-size", type=int, default=16, help="per rank (default 16)")
+    schedule.add_argument("--pos-weight", choices=["neg-pos", "none"], default="neg-pos",
+                          help="BCE positive weight per label: negatives/positives in train (default) or none")
+    schedule.add_argument("--max-steps-per-epoch", type=int, default=0, help="stop epochs early (0: full pass)")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--backend", default="auto", choices=["auto", "horovod", "torch", "single"],
+                         help="auto: horovod under horovodrun, torch under torchrun, else single")
+    runtime.add_argument("--seed", type=int, default=0)
+    runtime.add_argument("--reader-pool", choices=["dummy", "thread", "process"], default="dummy",
+                         help="Petastorm reader pool; dummy (default) reads in a prefetch thread. Petastorm "
+                              "0.13.1's thread pool dropped row groups in tests here")
+    runtime.add_argument("--reader-workers", type=int, default=2, help="workers of a thread/process pool")
+    runtime.add_argument("--resume", help="checkpoint.pth of an interrupted run: continue it")
+    runtime.add_argument("--run-id", help="name of this run (default: time + random suffix)")
+    return parser
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class Trainer:
+    def __init__(self, args, dist: distributed.Single):
+        self.args, self.dist = args, dist
+        self.spec = read_dataset_spec(args.dataset)
+        self.device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        groups = split_row_groups(args.dataset, "train")
+        if groups < dist.size:
+            raise SystemExit(f"the train split has {groups} row groups but {dist.size} ranks; rerun the ETL "
+                             "with a smaller --rows-per-file so every rank gets data")
+        positives, rows = label_counts(args.dataset, "train")
+        ratio = np.where(positives > 0, (rows - positives) / np.maximum(positives, 1), 1.0)
+        weight = torch.tensor(ratio, dtype=torch.float32) if args.pos_weight == "neg-pos" else None
+        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=weight).to(self.device)
+        self.run_dir = Path(args.output_dir) / args.run_id
+        self.history: list[dict] = []
+
+    # ---- one stage -------------------------------------------------------------------------
+    def make_stage(self, stage: str, init_state: dict | None):
+        """A fresh model (fresh parameters, so no optimizer hooks of an earlier stage) and its optimizer."""
+        args = self.args
+        model = build_model(args.model, self.spec.num_labels, args.weights if init_state is None else "none")
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        set_backbone_trainable(model, args.model, trainable=(stage != "kt"))
+        model.to(self.device)
+        lr = getattr(args, f"lr_{stage}") * self.dist.size  # linear scaling rule
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        warmup = max(args.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return model, optimizer, scheduler
+
+    def train_one_epoch(self, stage, model, forward, optimizer, scheduler, epoch) -> dict:
+        args, dist = self.args, self.dist
+        model.train()
+        if stage == "kt":  # a frozen backbone keeps its BatchNorm statistics too
+            for name, module in model.named_modules():
+                if name and not name.startswith(head_name(args.model)):
+                    module.eval()
+        reader = SplitReader(args.dataset, "train", self.spec, args.batch_size, dist.rank, dist.size, shuffle=True,
+                             seed=args.seed * 1000 + epoch, drop_last=True, pool=args.reader_pool, workers=args.reader_workers)
+        batches = contextlib.closing(prefetch(reader))
+        expected = split_row_count(args.dataset, "train") // (args.batch_size * dist.size)
+        bar = tqdm(total=expected, desc=f"{stage} epoch {epoch}", disable=not dist.is_main, leave=False)
+        losses, steps, images_seen, wait = [], 0, 0, 0.0
+        started = time.perf_counter()
+        with batches as batch_iterator:
+            while not args.max_steps_per_epoch or steps < args.max_steps_per_epoch:
+                waited = time.perf_counter()
+                batch = next(batch_iterator, None)
+                wait += time.perf_counter() - waited
+                # Shards can differ by a row group: all ranks stop when the first runs out.
+                if dist.allreduce_min(int(batch is not None)) == 0:
+                    break
+                images, labels = batch.images.to(self.device), batch.labels.to(self.device)
+                optimizer.zero_grad()
+                loss = self.loss_fn(forward(images), labels)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                steps += 1
+                images_seen += len(labels)
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        bar.close()
+        if steps == 0:
+            raise SystemExit("no training batch: the train split is smaller than one batch per rank")
+        elapsed = time.perf_counter() - started
+        return {
+            "train_loss": dist.allreduce_mean(float(np.mean(losses))),
+            "images_per_second": dist.allreduce_mean(images_seen / elapsed) * dist.size,
+            "data_wait_fraction": dist.allreduce_mean(wait / elapsed),
+            "steps": steps,
+        }
+
+    @torch.no_grad()
+    def predict(self, model, split: str):
+        """Exact predictions of the whole split: every rank scores its shard, all are gathered."""
+        model.eval()
+        reader = SplitReader(self.args.dataset, split, self.spec, self.args.batch_size, self.dist.rank,
+                             self.dist.size, pool=self.args.reader_pool, workers=self.args.reader_workers)
+        ids, scores, labels = [], [], []
+        for batch in prefetch(reader):
+            scores.append(torch.sigmoid(model(batch.images.to(self.device))).float().cpu().numpy())
+            labels.append(batch.labels.numpy())
+            ids.extend(batch.image_ids)
+        empty = np.zeros((0, self.spec.num_labels), dtype=np.float32)
+        shards = self.dist.allgather_object((ids, np.concatenate(scores or [empty]), np.concatenate(labels or [empty])))
+        all_ids = [i for shard in shards for i in shard[0]]
+        expected = split_row_count(self.args.dataset, split)
+        if len(all_ids) != expected or len(set(all_ids)) != expected:
+            raise RuntimeError(f"{split}: gathered {len(all_ids)} predictions ({len(set(all_ids))} distinct) "
+                               f"for {expected} rows; evaluation must see each row exactly once")
+        return all_ids, np.concatenate([s[1] for s in shards]), np.concatenate([s[2] for s in shards])
+
+    def evaluate(self, model, split: str):
+        ids, scores, labels = self.predict(model, split)
+        return per_label_auroc(labels, scores, self.spec.label_names), (ids, scores, labels)
+
+    def run_stage(self, stage: str, init_state: dict | None, resume: dict | None) -> dict:
+        args, dist = self.args, self.dist
+        model, optimizer, scheduler = self.make_stage(stage, init_state)
+        first_epoch, best_auroc, best_epoch = 1, -1.0, 0
+        best_state = copy.deepcopy(model.state_dict())
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            first_epoch, best_auroc, best_epoch = resume["epoch"] + 1, resume["best_auroc"], resume["best_epoch"]
+            best_state = torch.load(self.run_dir / f"best_{stage}.pth", map_location="cpu", weights_only=True)["model"]
+        forward, optimizer = dist.wrap(model, optimizer)
+        dist.broadcast(model, optimizer)
+        epochs = getattr(args, f"epochs_{stage}")
+        wait_fractions = []
+        for epoch in range(first_epoch, epochs + 1):
+            stats = self.train_one_epoch(stage, model, forward, optimizer, scheduler, epoch)
+            val_rows, _ = self.evaluate(model, "val")
+            val_auroc = mean_auroc(val_rows)
+            wait_fractions.append(stats["data_wait_fraction"])
+            improved = val_auroc is not None and val_auroc > best_auroc
+            if improved:
+                best_auroc, best_epoch, best_state = val_auroc, epoch, copy.deepcopy(model.state_dict())
+            log.info("%s epoch %d/%d: loss %.4f, val mean AUROC %s%s, %.1f img/s, waiting for data %.1f%% of the time",
+                     stage, epoch, epochs, stats["train_loss"], "n/a" if val_auroc is None else f"{val_auroc:.4f}",
+                     " (best)" if improved else "", stats["images_per_second"], 100 * stats["data_wait_fraction"])
+            if dist.is_main:
+                self.record_epoch(stage, epoch, stats, val_auroc)
+                if improved:
+                    torch.save({"model": best_state, "stage": stage, "epoch": epoch, "val_mean_auroc": val_auroc},
+                               self.run_dir / f"best_{stage}.pth")
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "stage": stage, "epoch": epoch,
+                            "best_auroc": best_auroc, "best_epoch": best_epoch, "run_id": args.run_id},
+                           self.run_dir / "checkpoint.pth")
+        model.load_state_dict(best_state)
+        self.report_stage(stage, model, best_epoch, float(np.mean(wait_fractions)) if wait_fractions else None)
+        return best_state
+
+    # ---- outputs (rank 0) ------------------------------------------------------------------
+    def record_epoch(self, stage, epoch, stats, val_auroc) -> None:
+        row = {"stage": stage, "epoch": epoch, **stats, "val_mean_auroc": val_auroc}
+        path = self.run_dir / "summary.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def report_stage(self, stage, model, best_epoch, wait_fraction) -> None:
+        """Evaluate the stage's best model on val and test; rank 0 appends the rows to Delta."""
+        args, created = self.args, datetime.now(timezone.utc)
+        rows = []
+        for split in EVAL_SPLITS:
+            if split_row_count(args.dataset, split) == 0:
+                continue
+            metrics, (ids, scores, _) = self.evaluate(model, split)
+            for metric in metrics:
+                rows.append({
+                    "run_id": args.run_id, "created_at": created, "dataset": self.spec.dataset,
+                    "image_size": self.spec.image_size, "model": args.model, "stage": stage, "split": split,
+                    **metric, "best_epoch": best_epoch, "world_size": self.dist.size, "backend": self.dist.name,
+                    "data_wait_fraction": wait_fraction, "run_dir": str(self.run_dir.resolve()),
+                })
+            if self.dist.is_main:
+                self.save_predictions(stage, split, ids, scores)
+            log.info("%s best (epoch %d) on %s: mean AUROC %s", stage, best_epoch, split,
+                     "n/a" if mean_auroc(metrics) is None else f"{mean_auroc(metrics):.4f}")
+        if self.dist.is_main and rows:
+            append_results(args.results_table, rows, args.results_engine)
+
+    def save_predictions(self, stage, split, ids, scores) -> None:
+        with (self.run_dir / f"predictions_{stage}_{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image_id", *self.spec.label_names])
+            for image_id, row in zip(ids, scores):
+                writer.writerow([image_id, *(f"{value:.6f}" for value in row)])
+
+
+def main(argv=None) -> None:
+    args = parse_args(build_parser(), "train", argv)
+    dist = distributed.detect(args.backend)
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format=f"%(asctime)s train[{dist.rank}/{dist.size}] %(levelname)s %(message)s")
+    logging.getLogger("petastorm").setLevel(logging.WARNING)  # per-reader schema notes
+    if not args.dataset:
+        raise SystemExit("missing --dataset (the ETL's --output folder), or set it in --config")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or set(stages) - set(STAGES):
+        raise SystemExit(f"--stages must list stages from {STAGES}, got {args.stages!r}")
+    resume = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    args.run_id = resume["run_id"] if resume else dist.allgather_object(args.run_id or new_run_id())[0]
+    torch.manual_seed(args.seed)
+    trainer = Trainer(args, dist)
+    if dist.is_main:
+        trainer.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(args, trainer.run_dir / "config.yaml")
+    log.info("run %s: %s on %s (%d labels, %d px), stages %s, %d %s rank(s), outputs in %s", args.run_id, args.model,
+             args.dataset, trainer.spec.num_labels, trainer.spec.image_size, stages, dist.size, dist.name,
+             trainer.run_dir)
+    state = None
+    for stage in stages:
+        if resume and stages.index(stage) < stages.index(resume["stage"]):
+            state = torch.load(trainer.run_dir / f"best_{stage}.pth", map_location="cpu", weights_only=True)["model"]
+            continue
+        stage_resume = resume if resume and resume["stage"] == stage else None
+        state = trainer.run_stage(stage, state, stage_resume)
+    log.info("run %s done; results in %s", args.run_id, args.results_table)
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
