@@ -46,7 +46,7 @@ def chest_image(size: int, findings: list[int], rng: np.random.Generator, tone: 
     return np.asarray(grey)
 
 
-def generate(output: Path, patients: int = 160, size: int = 256, prevalence: float = 0.18, seed: int = 0) -> int:
+def generate(output: Path, patients: int = 240, size: int = 256, prevalence: float = 0.18, seed: int = 0) -> int:
     """Write the dataset; returns the number of images."""
     rng = np.random.default_rng(seed)
     (output / "images").mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def generate(output: Path, patients: int = 160, size: int = 256, prevalence: flo
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_data/nih", help="folder to create (default demo_data/nih)")
-    parser.add_argument("--patients", type=int, default=160, help="patients, 1-3 images each (default 160)")
+    parser.add_argument("--patients", type=int, default=240, help="patients, 1-3 images each (default 240)")
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -45,3 +45,23 @@ def test_drop_last_keeps_only_full_batches(nih_dataset):
     spec = read_dataset_spec(nih_dataset)
     sizes = [len(b.image_ids) for b in SplitReader(nih_dataset, "train", spec, 16, drop_last=True)]
     assert sizes and set(sizes) == {16} and len(sizes) == split_row_count(nih_dataset, "train") // 16
+
+
+def test_float32_dataset_gives_the_same_tensors_as_uint8(nih_dataset, tmp_path):
+    """--dtype float32 stores what the loader computes from uint8: same model input either way."""
+    from conftest import NIH, spark_etl
+
+    floats = tmp_path / "nih_f32"
+    spark_etl("--source", "nih", "--data-root", NIH, "--labels-csv", NIH / "Data_Entry_sample.csv",
+              "--output", floats, "--size", 64, "--rows-per-file", 8, "--dtype", "float32")
+    spec = read_dataset_spec(floats)
+    assert spec.pixel_column == "pixels_f32" and spec.pixel_shape == (3, 64, 64)
+
+    def by_id(dataset):
+        spec = read_dataset_spec(dataset)
+        return {i: image for b in SplitReader(dataset, "val", spec, 4) for i, image in zip(b.image_ids, b.images)}
+
+    grey, stored = by_id(nih_dataset), by_id(floats)
+    assert grey.keys() == stored.keys() and grey
+    for image_id, image in grey.items():
+        np.testing.assert_allclose(stored[image_id].numpy(), image.numpy(), atol=1e-5)

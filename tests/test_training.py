@@ -64,3 +64,10 @@ def test_horovodrun_two_ranks_gloo(nih_dataset, tmp_path):
     out = run_cli(BIN / "horovodrun", "-np", 2, "-H", "localhost:2", BIN / "python", *train_args(nih_dataset, tmp_path))
     results, _ = check_run(tmp_path, 2, "horovod")
     assert "2 horovod rank(s)" in out.stdout + out.stderr
+
+
+def test_torch_distributor_local_mode_runs_the_same_training(nih_dataset, tmp_path):
+    """jobs/train_distributor.py: the Databricks entry point, 2 processes on the driver."""
+    run_cli(BIN / "python", "jobs/train_distributor.py", "--num-processes", 2, "--local-mode", "--",
+            *train_args(nih_dataset, tmp_path)[1:])
+    check_run(tmp_path, 2, "torch")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import pyarrow.parquet as pq
 import torch
 
 from etl.schema import DatasetSpec, split_dir
+
+# Petastorm 0.13.1 drives pyarrow 14 through its legacy dataset API: one warning per call.
+warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
 
 
 @dataclass

@@ -15,7 +15,7 @@ LABEL_NAMES = (
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
 NO_FINDING = "No Finding"
-MAX_PLAUSIBLE_AGE = 120  # NIH has a few ages over 100 (up to 414): data errors, stored as null
+MAX_PLAUSIBLE_AGE = 120  # the 2017 release has a few ages up to 414 (fixed in 2020): data errors, stored as null
 
 
 def find_labels_csv(data_root: Path) -> Path:

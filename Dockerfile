@@ -1,0 +1,12 @@
+# One image for the Spark master, the workers and the trainer: the project and its venv.
+FROM python:3.11-slim-bookworm
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless procps build-essential git \
+    && rm -rf /var/lib/apt/lists/*
+ENV JAVA_HOME=/usr/lib/jvm/java-17-openjdk-amd64
+WORKDIR /opt/cxr
+COPY . .
+RUN VENV=/opt/venv bash install/setup_env.sh
+ENV PATH=/opt/venv/bin:$PATH \
+    PYSPARK_PYTHON=/opt/venv/bin/python \
+    SPARK_HOME=/opt/venv/lib/python3.11/site-packages/pyspark
