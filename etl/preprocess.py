@@ -204,6 +204,9 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     manifest = get_source(args.source).build_manifest(args.data_root, **(
         {"labels_csv": args.labels_csv} if args.labels_csv else {}))
+    if manifest.rows_read == 0:
+        raise SystemExit(f"nothing to do: no label rows and no images under {args.data_root}; "
+                         f"check --data-root and --source {args.source}")
     rows = manifest.rows
     rows["split"] = assign_splits(rows["patient_id"], args.seed, parse_fractions(args.split_fractions),
                                   rows["official_split"] if rows["official_split"].notna().any() else None)
@@ -232,6 +235,7 @@ def run(args: argparse.Namespace) -> dict:
             "rows_written": {split: int((written["split"] == split).sum()) for split in SPLITS},
             "rows_quarantined": len(rejects),
             "quarantined_by_reason": rejects["reason"].value_counts().to_dict(),
+            "values_kept_as_null": manifest.warnings["field"].value_counts().to_dict(),
             "patients": {split: int(written.loc[written["split"] == split, "patient_id"].nunique()) for split in SPLITS},
             "seconds": timings,
         }
@@ -241,8 +245,10 @@ def run(args: argparse.Namespace) -> dict:
                  summary["rows_written"], len(rejects), summary["quarantined_by_reason"], timings["decode_write"],
                  len(rows) / max(timings["decode_write"], 1e-9))
         (staging / "_quarantine").mkdir()
-        pq.write_table(pa.Table.from_pandas(rejects.astype({"source_row": "int64"}), preserve_index=False),
+        pq.write_table(pa.Table.from_pandas(rejects.astype({"source_row": "Int64"}), preserve_index=False),
                        staging / "_quarantine" / "rejects.parquet")
+        pq.write_table(pa.Table.from_pandas(manifest.warnings.astype({"source_row": "Int64"}), preserve_index=False),
+                       staging / "_quarantine" / "field_warnings.parquet")
         (staging / "_etl_summary.json").write_text(json.dumps(summary, indent=2))
         dump_config(args, staging / "_etl_config.yaml")
         commit(staging, output, args.overwrite)

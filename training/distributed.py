@@ -26,6 +26,11 @@ class Single:
     def broadcast(self, model, optimizer) -> None:
         pass
 
+    def sync_buffers(self, model) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics), which each rank
+        otherwise updates from its own batches: evaluation then uses one model on every
+        shard, and rank 0's checkpoint holds the whole state."""
+
     def allreduce_mean(self, value: float) -> float:
         return value
 
@@ -58,6 +63,9 @@ class Horovod(Single):
     def broadcast(self, model, optimizer) -> None:
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def sync_buffers(self, model) -> None:
+        self.hvd.broadcast_parameters(list(model.named_buffers()), root_rank=0)
 
     def allreduce_mean(self, value: float) -> float:
         return float(self.hvd.allreduce(torch.tensor(float(value)), op=self.hvd.Average))
@@ -98,6 +106,10 @@ class TorchDistributed(Single):
         state = [optimizer.state_dict() if self.rank == 0 else None]
         self.dist.broadcast_object_list(state, src=0)
         optimizer.load_state_dict(state[0])
+
+    def sync_buffers(self, model) -> None:
+        for buffer in model.buffers():
+            self.dist.broadcast(buffer, src=0)
 
     def _reduce(self, value, op, dtype):
         tensor = torch.tensor(value, dtype=dtype)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from etl.config import dump_config, parse_args
 from etl.schema import read_dataset_spec
-from training import distributed
+from training import checkpoints, distributed
 from training.data import SplitReader, label_counts, prefetch, split_row_count, split_row_groups
 from training.metrics import mean_auroc, per_label_auroc
 from training.models import MODELS, build_model, head_name, set_backbone_trainable
@@ -97,7 +97,9 @@ class Trainer:
 
     # ---- one stage -------------------------------------------------------------------------
     def make_stage(self, stage: str, init_state: dict | None):
-        """A fresh model (fresh parameters, so no optimizer hooks of an earlier stage) and its optimizer."""
+        """A fresh model (fresh parameters, so no optimizer hooks of an earlier stage), the model to
+        call (DDP-wrapped under torchrun), the optimizer to step (Horovod's wrapper builds a new
+        optimizer, so state must be loaded into it, never before wrapping) and its scheduler."""
         args = self.args
         model = build_model(args.model, self.spec.num_labels, args.weights if init_state is None else "none")
         if init_state is not None:
@@ -106,9 +108,10 @@ class Trainer:
         model.to(self.device)
         lr = getattr(args, f"lr_{stage}") * self.dist.size  # linear scaling rule
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        forward, optimizer = self.dist.wrap(model, optimizer)
         warmup = max(args.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return model, optimizer, scheduler
+        return model, forward, optimizer, scheduler
 
     def train_one_epoch(self, stage, model, forward, optimizer, scheduler, epoch) -> dict:
         args, dist = self.args, self.dist
@@ -135,6 +138,12 @@ class Trainer:
                 images, labels = batch.images.to(self.device), batch.labels.to(self.device)
                 optimizer.zero_grad()
                 loss = self.loss_fn(forward(images), labels)
+                if dist.allreduce_min(int(torch.isfinite(loss).item())) == 0:
+                    raise SystemExit(
+                        f"{stage} epoch {epoch} step {steps + 1}: the loss is not finite on some rank "
+                        f"(here {loss.item()}); stopped before updating the weights. The last good checkpoint is "
+                        f"{self.run_dir / 'checkpoint.pth'}: lower the learning rate or check the inputs, then "
+                        "continue with --resume")
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -144,6 +153,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         bar.close()
+        dist.sync_buffers(model)
         if steps == 0:
             raise SystemExit("no training batch: the train split is smaller than one batch per rank")
         elapsed = time.perf_counter() - started
@@ -180,7 +190,7 @@ class Trainer:
 
     def run_stage(self, stage: str, init_state: dict | None, resume: dict | None) -> dict:
         args, dist = self.args, self.dist
-        model, optimizer, scheduler = self.make_stage(stage, init_state)
+        model, forward, optimizer, scheduler = self.make_stage(stage, init_state)
         first_epoch, best_auroc, best_epoch = 1, -1.0, 0
         best_state = copy.deepcopy(model.state_dict())
         if resume is not None:
@@ -188,8 +198,8 @@ class Trainer:
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
             first_epoch, best_auroc, best_epoch = resume["epoch"] + 1, resume["best_auroc"], resume["best_epoch"]
-            best_state = torch.load(self.run_dir / f"best_{stage}.pth", map_location="cpu", weights_only=True)["model"]
-        forward, optimizer = dist.wrap(model, optimizer)
+            best_state = checkpoints.load(self.run_dir / f"best_{stage}.pth")["model"]
+            torch.set_rng_state(resume["torch_rng"])
         dist.broadcast(model, optimizer)
         epochs = getattr(args, f"epochs_{stage}")
         wait_fractions = []
@@ -207,12 +217,13 @@ class Trainer:
             if dist.is_main:
                 self.record_epoch(stage, epoch, stats, val_auroc)
                 if improved:
-                    torch.save({"model": best_state, "stage": stage, "epoch": epoch, "val_mean_auroc": val_auroc},
-                               self.run_dir / f"best_{stage}.pth")
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "stage": stage, "epoch": epoch,
-                            "best_auroc": best_auroc, "best_epoch": best_epoch, "run_id": args.run_id},
-                           self.run_dir / "checkpoint.pth")
+                    checkpoints.save({"model": best_state, "stage": stage, "epoch": epoch, "val_mean_auroc": val_auroc},
+                                     self.run_dir / f"best_{stage}.pth")
+                checkpoints.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                                  "stage": stage, "epoch": epoch, "best_auroc": best_auroc,
+                                  "best_epoch": best_epoch, "run_id": args.run_id},
+                                 self.run_dir / "checkpoint.pth")
         model.load_state_dict(best_state)
         self.report_stage(stage, model, best_epoch, float(np.mean(wait_fractions)) if wait_fractions else None)
         return best_state
@@ -269,7 +280,10 @@ def main(argv=None) -> None:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not stages or set(stages) - set(STAGES):
         raise SystemExit(f"--stages must list stages from {STAGES}, got {args.stages!r}")
-    resume = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    try:
+        resume = checkpoints.load(args.resume) if args.resume else None
+    except checkpoints.CheckpointError as exc:
+        raise SystemExit(f"--resume: {exc}") from None
     args.run_id = resume["run_id"] if resume else dist.allgather_object(args.run_id or new_run_id())[0]
     torch.manual_seed(args.seed)
     trainer = Trainer(args, dist)
@@ -282,7 +296,7 @@ def main(argv=None) -> None:
     state = None
     for stage in stages:
         if resume and stages.index(stage) < stages.index(resume["stage"]):
-            state = torch.load(trainer.run_dir / f"best_{stage}.pth", map_location="cpu", weights_only=True)["model"]
+            state = checkpoints.load(trainer.run_dir / f"best_{stage}.pth")["model"]
             continue
         stage_resume = resume if resume and resume["stage"] == stage else None
         state = trainer.run_stage(stage, state, stage_resume)

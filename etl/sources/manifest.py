@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -11,25 +11,30 @@ MANIFEST_COLUMNS = [
     "image_id", "patient_id", "source_path", "source_row", "labels", "age", "sex", "view_position", "official_split",
 ]
 REJECT_COLUMNS = ["image_id", "source_path", "source_row", "reason", "detail"]
+WARNING_COLUMNS = ["image_id", "source_row", "field", "value"]
 
 
 @dataclass
 class Manifest:
     """`rows` are ready to decode (source_path relative to the data root); `rejects` never
-    reach the decoder, each with a reason code and a human-readable detail."""
+    reach the decoder, each with a reason code and a human-readable detail (source_row is
+    null for an image file that no label row lists). `warnings` name values of kept rows
+    that were unreadable and stored as null (a malformed age, say)."""
 
     dataset: str
     label_names: tuple[str, ...]
     rows: pd.DataFrame
     rejects: pd.DataFrame
+    warnings: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=WARNING_COLUMNS))
 
     @property
     def rows_read(self) -> int:
+        """Label rows plus image files without one: every input the job must account for."""
         return len(self.rows) + len(self.rejects)
 
 
 def rejects_frame(records: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(records, columns=REJECT_COLUMNS).astype({"source_row": "int64"})
+    return pd.DataFrame(records, columns=REJECT_COLUMNS).astype({"source_row": "Int64"})
 
 
 def index_images(data_root: Path, suffixes: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from etl.sources.manifest import MANIFEST_COLUMNS, Manifest, index_images, rejects_frame
+from etl.sources.manifest import MANIFEST_COLUMNS, Manifest, index_images, rejects_frame, resolve_inside
 
 DATASET = "nih"
 # The order of CheXNet (Rajpurkar et al. 2017) and of the NIH paper's tables.
@@ -64,9 +64,20 @@ def parse_age(ages: pd.Series) -> pd.Series:
     return years.astype("Int32")
 
 
+def escapes_root(data_root: Path, image_ids: pd.Series) -> pd.Series:
+    def escapes(image_id: str) -> bool:
+        try:
+            resolve_inside(data_root, image_id)
+            return False
+        except ValueError:
+            return True
+
+    return image_ids.map(escapes)
+
+
 def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None) -> Manifest:
     data_root = Path(data_root)
-    table = pd.read_csv(labels_csv or find_labels_csv(data_root), dtype=str)
+    table = pd.read_csv(labels_csv or find_labels_csv(data_root), dtype=str, keep_default_na=False)
     table["source_row"] = range(1, len(table) + 1)  # 1-based data row, header excluded
     index, ambiguous = index_images(data_root, (".png",))
     official = read_official_lists(data_root)
@@ -92,6 +103,8 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None) 
         (unknown != "", "unknown_label", "unknown label(s): " + unknown),
         (rows["image_id"].isin(ambiguous), "ambiguous_file", "more than one file with this name below the data root"),
         (rows["source_path"].isna(), "image_missing", "image file not found below " + str(data_root)),
+        (rows["patient_id"] == "", "missing_patient_id", "no Patient ID: the row cannot be split by patient"),
+        (escapes_root(data_root, rows["image_id"]), "path_escapes_root", "image id points outside the data root"),
         (rows["image_id"].duplicated(keep="first"), "duplicate_image_id", "image id listed earlier in the CSV"),
     ]
     for mask, reason, detail in checks:  # later checks win: the most basic reason is reported
@@ -99,9 +112,27 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None) 
             reasons[mask] = reason
             details[mask] = detail if isinstance(detail, str) else detail[mask]
     bad = reasons.notna()
-    rejects = rejects_frame([
-        {"image_id": r.image_id, "source_path": r.source_path or r.image_id, "source_row": r.source_row,
-         "reason": reason, "detail": detail}
+    rejects = [
+        {"image_id": r.image_id, "source_path": r.source_path if isinstance(r.source_path, str) else r.image_id,
+         "source_row": r.source_row, "reason": reason, "detail": detail}
         for r, reason, detail in zip(rows[bad].itertuples(), reasons[bad], details[bad])
-    ])
-    return Manifest(DATASET, LABEL_NAMES, rows[~bad].reset_index(drop=True), rejects)
+    ]
+    listed = set(table["Image Index"])
+    rejects += [
+        {"image_id": name, "source_path": path, "source_row": None, "reason": "unlisted_image",
+         "detail": "image file below the data root has no row in the label table"}
+        for name, path in sorted(index.items()) if name not in listed
+    ]
+    warnings = field_warnings(table, rows)
+    return Manifest(DATASET, LABEL_NAMES, rows[~bad].reset_index(drop=True), rejects_frame(rejects),
+                    warnings[warnings["image_id"].isin(rows.loc[~bad, "image_id"])].reset_index(drop=True))
+
+
+def field_warnings(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """Values kept as null rather than rejecting an otherwise good image."""
+    frames = []
+    for field, raw, parsed in (("age", "Patient Age", "age"), ("sex", "Patient Gender", "sex")):
+        bad = rows[parsed].isna() & (table[raw].str.strip() != "")
+        frames.append(pd.DataFrame({"image_id": rows.loc[bad, "image_id"], "source_row": rows.loc[bad, "source_row"],
+                                    "field": field, "value": table.loc[bad, raw]}))
+    return pd.concat(frames, ignore_index=True)
