@@ -1,0 +1,64 @@
+"""A real Spark standalone cluster (master + one worker on 127.0.0.1) running the ETL."""
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+
+from pathlib import Path
+
+import pyspark
+import pytest
+
+from conftest import BIN, NIH, ROOT
+from test_faults import dataset_content
+
+SPARK_CLASS = Path(pyspark.__file__).parent / "bin" / "spark-class"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def standalone_master(tmp_path_factory):
+    port, ui = free_port(), free_port()
+    logs = tmp_path_factory.mktemp("spark-cluster")
+    master_log, worker_log = (logs / "master.log").open("w"), (logs / "worker.log").open("w")
+    master = subprocess.Popen([SPARK_CLASS, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                               "--port", str(port), "--webui-port", str(ui)], stdout=master_log, stderr=master_log)
+    worker = subprocess.Popen([SPARK_CLASS, "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
+                               "--host", "127.0.0.1", "--cores", "2", "--memory", "2g", "--webui-port",
+                               str(free_port()), "--work-dir", str(logs / "work")], stdout=worker_log,
+                              stderr=worker_log)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                state = json.load(urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2))
+                if any(w["state"] == "ALIVE" for w in state.get("workers", [])):
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the standalone worker did not register within 90 s; see {logs}")
+            time.sleep(1)
+        yield f"spark://127.0.0.1:{port}"
+    finally:
+        for process in (worker, master):
+            process.terminate()
+            process.wait(30)
+
+
+def test_etl_on_a_standalone_cluster_writes_what_local_mode_writes(standalone_master, nih_dataset, tmp_path):
+    output = tmp_path / "cluster_out"
+    result = subprocess.run(
+        [str(BIN / "spark-submit"), "--master", standalone_master, "etl/preprocess.py", "--source", "nih",
+         "--data-root", str(NIH), "--labels-csv", str(NIH / "Data_Entry_sample.csv"), "--output", str(output),
+         "--size", "64", "--rows-per-file", "8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert dataset_content(output) == dataset_content(nih_dataset)
+    summary = json.loads((output / "_etl_summary.json").read_text())
+    assert summary["rows_written"] == json.loads((nih_dataset / "_etl_summary.json").read_text())["rows_written"]
