@@ -8,7 +8,7 @@ export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 NP ?= 2
 
-.PHONY: install demo demo-data etl train results test clean
+.PHONY: install demo demo-data etl train results test bench clean
 
 install:
 	bash install/setup_env.sh
@@ -29,6 +29,9 @@ results:
 
 test: install
 	time python -m pytest tests -ra
+
+bench: install
+	python -m benchmarks.run
 
 clean:
 	rm -rf outputs demo_data

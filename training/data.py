@@ -47,17 +47,20 @@ def label_counts(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, int]:
 
 
 def to_tensors(pixels: np.ndarray, labels: np.ndarray, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored pixel bytes of N rows -> normalised (N, 3, H, W) float32, labels -> (N, L) float32."""
+    """Stored pixel bytes of N rows (an array of `bytes`) -> model input and (N, L) float32 labels."""
     dtype = np.uint8 if spec.pixel_dtype == "uint8" else np.float32
     buffer = bytearray(b"".join(pixels))  # one copy, writable, so torch can own it
-    stored = torch.from_numpy(np.frombuffer(buffer, dtype=dtype).reshape(len(pixels), *spec.pixel_shape))
-    if spec.pixel_dtype == "uint8":
-        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std).view(1, -1, 1, 1)
-        images = (stored.float().div_(255.0) - mean).div_(std)  # broadcasts 1 grey channel to 3
-    else:
-        images = stored  # already normalised by the ETL
-    return images, torch.as_tensor(np.asarray(labels, dtype=np.float32))
+    stored = np.frombuffer(buffer, dtype=dtype).reshape(len(pixels), *spec.pixel_shape)
+    return model_input(torch.from_numpy(stored), spec), torch.as_tensor(np.asarray(labels, dtype=np.float32))
+
+
+def model_input(stored: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
+    """(N, *spec.pixel_shape) as stored -> normalised (N, 3, H, W) float32."""
+    if spec.pixel_dtype != "uint8":
+        return stored  # normalised by the ETL
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return (stored.float().div_(255.0) - mean).div_(std)  # broadcasts 1 grey channel to 3
 
 
 class SplitReader:

@@ -93,7 +93,6 @@ class Trainer:
         weight = torch.tensor(ratio, dtype=torch.float32) if args.pos_weight == "neg-pos" else None
         self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=weight).to(self.device)
         self.run_dir = Path(args.output_dir) / args.run_id
-        self.history: list[dict] = []
 
     # ---- one stage -------------------------------------------------------------------------
     def make_stage(self, stage: str, init_state: dict | None):
