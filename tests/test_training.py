@@ -1,6 +1,7 @@
 """train.py end to end on the real NIH partitions: one process, torchrun and horovodrun, Delta rows."""
 import importlib.util
 
+import pandas as pd
 import pytest
 import torch
 from deltalake import DeltaTable
@@ -28,7 +29,7 @@ def check_run(tmp_path, world_size, backend):
     assert len(mean_rows) == 4 and mean_rows["auroc"].between(0, 1).all()
     (run_dir,) = (tmp_path / "runs").iterdir()
     for name in ("config.yaml", "summary.csv", "best_kt.pth", "best_finetune.pth", "checkpoint.pth",
-                 "predictions_finetune_test.csv"):
+                 "predictions_finetune_test.csv", "roc_finetune_test.png", "training_curves.png"):
         assert (run_dir / name).exists(), name
     checkpoint = torch.load(run_dir / "checkpoint.pth", weights_only=True)
     assert checkpoint["stage"] == "finetune" and {"model", "optimizer", "scheduler"} <= set(checkpoint)
@@ -42,6 +43,30 @@ def test_single_process_two_stages_and_appends_to_delta(nih_dataset, tmp_path):
     results = read_results(str(tmp_path / "results"))
     assert results["run_id"].nunique() == 2 and len(results) == 4 * ROWS_PER_STAGE  # appended, not overwritten
     assert len(DeltaTable(str(tmp_path / "results")).history()) == 4  # one version per stage of each run
+
+
+def test_evaluate_command_reproduces_the_delta_rows_from_the_predictions_file(nih_dataset, tmp_path):
+    run_cli(BIN / "python", *train_args(nih_dataset, tmp_path, "--stages", "kt"))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    from training.evaluate import main as evaluate
+
+    report = evaluate(["--dataset", str(nih_dataset), "--split", "test",
+                       "--predictions", str(run_dir / "predictions_kt_test.csv"), "--roc-png", str(tmp_path / "r.png")])
+    stored = read_results(str(tmp_path / "results")).query("split == 'test'").set_index("label")
+    for row in report:
+        for column in ("auroc", "auroc_ci_low", "auroc_ci_high"):
+            expected = stored.loc[row["label"], column]
+            assert (row[column] is None and pd.isna(expected)) or abs(row[column] - expected) < 1e-6
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_evaluate_refuses_predictions_for_images_outside_the_split(nih_dataset, tmp_path):
+    from training.evaluate import main as evaluate
+
+    pd.DataFrame({"image_id": ["not-an-image.png"], **{name: [0.5] for name in LABEL_NAMES}}).to_csv(
+        tmp_path / "p.csv", index=False)
+    with pytest.raises(SystemExit, match="not in this split"):
+        evaluate(["--dataset", str(nih_dataset), "--split", "val", "--predictions", str(tmp_path / "p.csv")])
 
 
 def test_resume_continues_from_the_checkpoint(nih_dataset, tmp_path):

@@ -28,6 +28,7 @@ class Batch:
     images: torch.Tensor  # (N, 3, H, W) float32, normalised
     labels: torch.Tensor  # (N, num_labels) float32
     image_ids: list[str]
+    patient_ids: list[str]
 
 
 def split_row_count(dataset_dir: str | Path, split: str) -> int:
@@ -90,7 +91,7 @@ class SplitReader:
 
         try:
             reader = make_batch_reader(
-                self.url, schema_fields=[self.spec.pixel_column, "labels", "image_id"],
+                self.url, schema_fields=[self.spec.pixel_column, "labels", "image_id", "patient_id"],
                 cur_shard=self.rank, shard_count=self.world_size, num_epochs=1,
                 shuffle_row_groups=self.shuffle, seed=self.seed, reader_pool_type=self.pool,
                 workers_count=self.workers,
@@ -99,34 +100,34 @@ class SplitReader:
             return
         try:
             for group in reader:
-                yield getattr(group, self.spec.pixel_column), group.labels, group.image_id
+                yield getattr(group, self.spec.pixel_column), group.labels, group.image_id, group.patient_id
         finally:  # what `with reader:` does, minus its print() about a cache we do not use
             reader.stop()
             reader.join()
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed + 7919 * self.rank)
-        pixels = labels = ids = None
+        pool = None  # columns (pixels, labels, image ids, patient ids) of rows not yet batched
         exhausted = False
         groups = self._row_groups()
         while True:
-            while not exhausted and (pixels is None or len(pixels) < self.shuffle_rows):
+            while not exhausted and (pool is None or len(pool[0]) < self.shuffle_rows):
                 group = next(groups, None)
                 if group is None:
                     exhausted = True
-                elif pixels is None:
-                    pixels, labels, ids = group
                 else:
-                    pixels, labels, ids = (np.concatenate([a, b]) for a, b in zip((pixels, labels, ids), group))
-            if pixels is None or len(pixels) == 0 or (len(pixels) < self.batch_size and (self.drop_last or not exhausted)):
+                    pool = group if pool is None else tuple(np.concatenate(pair) for pair in zip(pool, group))
+            rows = 0 if pool is None else len(pool[0])
+            if rows == 0 or (rows < self.batch_size and (self.drop_last or not exhausted)):
                 return
             if self.shuffle:
-                order = rng.permutation(len(pixels))
-                pixels, labels, ids = pixels[order], labels[order], ids[order]
-            take = min(self.batch_size, len(pixels))
-            images, targets = to_tensors(pixels[:take], labels[:take], self.spec)
-            yield Batch(images, targets, [str(i) for i in ids[:take]])
-            pixels, labels, ids = pixels[take:], labels[take:], ids[take:]
+                order = rng.permutation(rows)
+                pool = tuple(column[order] for column in pool)
+            take = min(self.batch_size, rows)
+            pixels, labels, image_ids, patient_ids = (column[:take] for column in pool)
+            images, targets = to_tensors(pixels, labels, self.spec)
+            yield Batch(images, targets, [str(i) for i in image_ids], [str(p) for p in patient_ids])
+            pool = tuple(column[take:] for column in pool)
 
 
 def prefetch(iterable, depth: int = 2):

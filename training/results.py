@@ -22,6 +22,8 @@ RESULT_SCHEMA = pa.schema([
     ("split", pa.string()),
     ("label", pa.string()),
     ("auroc", pa.float64()),
+    ("auroc_ci_low", pa.float64()),
+    ("auroc_ci_high", pa.float64()),
     ("n_pos", pa.int64()),
     ("n_neg", pa.int64()),
     ("best_epoch", pa.int32()),
@@ -38,12 +40,13 @@ def append_results(table_uri: str, rows: list[dict], engine: str = "deltalake") 
     if engine == "deltalake":
         from deltalake import write_deltalake
 
-        write_deltalake(table_uri, table, mode="append")
+        write_deltalake(table_uri, table, mode="append", schema_mode="merge")  # tables from before new columns
     elif engine == "delta-spark":
         from pyspark.sql import SparkSession
 
         spark = SparkSession.builder.getOrCreate()  # a Databricks/Delta-enabled session
-        spark.createDataFrame(table.to_pandas()).write.format("delta").mode("append").save(table_uri)
+        (spark.createDataFrame(table.to_pandas()).write.format("delta").mode("append")
+         .option("mergeSchema", "true").save(table_uri))
     else:
         raise ValueError(f"unknown results engine {engine!r}; choose one of {ENGINES}")
 

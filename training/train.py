@@ -18,6 +18,7 @@ import csv
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,13 +31,22 @@ from etl.config import dump_config, parse_args
 from etl.schema import read_dataset_spec
 from training import checkpoints, distributed
 from training.data import SplitReader, label_counts, prefetch, split_row_count, split_row_groups
-from training.metrics import mean_auroc, per_label_auroc
+from training.metrics import auroc_report, mean_auroc, per_label_auroc
+from training.plots import roc_curves, training_curves
 from training.models import MODELS, build_model, head_name, set_backbone_trainable
 from training.results import ENGINES, append_results
 
 log = logging.getLogger("train")
 STAGES = ("kt", "finetune")
 EVAL_SPLITS = ("val", "test")
+
+
+@dataclass
+class Predictions:
+    image_ids: list[str]
+    patient_ids: list[str]
+    scores: np.ndarray  # (N, L) probabilities
+    labels: np.ndarray  # (N, L) targets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--pos-weight", choices=["neg-pos", "none"], default="neg-pos",
                           help="BCE positive weight per label: negatives/positives in train (default) or none")
     schedule.add_argument("--max-steps-per-epoch", type=int, default=0, help="stop epochs early (0: full pass)")
+    schedule.add_argument("--bootstrap", type=int, default=1000,
+                          help="patient-level bootstrap resamples for the 95%% CI of each AUROC (default 1000)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--backend", default="auto", choices=["auto", "horovod", "torch", "single"],
                          help="auto: horovod under horovodrun, torch under torchrun, else single")
@@ -164,28 +176,28 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def predict(self, model, split: str):
+    def predict(self, model, split: str) -> Predictions:
         """Exact predictions of the whole split: every rank scores its shard, all are gathered."""
         model.eval()
         reader = SplitReader(self.args.dataset, split, self.spec, self.args.batch_size, self.dist.rank,
                              self.dist.size, pool=self.args.reader_pool, workers=self.args.reader_workers)
-        ids, scores, labels = [], [], []
+        image_ids, patient_ids, scores, labels = [], [], [], []
         for batch in prefetch(reader):
             scores.append(torch.sigmoid(model(batch.images.to(self.device))).float().cpu().numpy())
             labels.append(batch.labels.numpy())
-            ids.extend(batch.image_ids)
+            image_ids.extend(batch.image_ids)
+            patient_ids.extend(batch.patient_ids)
         empty = np.zeros((0, self.spec.num_labels), dtype=np.float32)
-        shards = self.dist.allgather_object((ids, np.concatenate(scores or [empty]), np.concatenate(labels or [empty])))
-        all_ids = [i for shard in shards for i in shard[0]]
+        shards = self.dist.allgather_object(
+            (image_ids, patient_ids, np.concatenate(scores or [empty]), np.concatenate(labels or [empty])))
+        gathered = Predictions([i for s in shards for i in s[0]], [p for s in shards for p in s[1]],
+                               np.concatenate([s[2] for s in shards]), np.concatenate([s[3] for s in shards]))
         expected = split_row_count(self.args.dataset, split)
-        if len(all_ids) != expected or len(set(all_ids)) != expected:
-            raise RuntimeError(f"{split}: gathered {len(all_ids)} predictions ({len(set(all_ids))} distinct) "
-                               f"for {expected} rows; evaluation must see each row exactly once")
-        return all_ids, np.concatenate([s[1] for s in shards]), np.concatenate([s[2] for s in shards])
-
-    def evaluate(self, model, split: str):
-        ids, scores, labels = self.predict(model, split)
-        return per_label_auroc(labels, scores, self.spec.label_names), (ids, scores, labels)
+        if len(gathered.image_ids) != expected or len(set(gathered.image_ids)) != expected:
+            raise RuntimeError(f"{split}: gathered {len(gathered.image_ids)} predictions "
+                               f"({len(set(gathered.image_ids))} distinct) for {expected} rows; evaluation must "
+                               "see each row exactly once")
+        return gathered
 
     def run_stage(self, stage: str, init_state: dict | None, resume: dict | None) -> dict:
         args, dist = self.args, self.dist
@@ -204,8 +216,8 @@ class Trainer:
         wait_fractions = []
         for epoch in range(first_epoch, epochs + 1):
             stats = self.train_one_epoch(stage, model, forward, optimizer, scheduler, epoch)
-            val_rows, _ = self.evaluate(model, "val")
-            val_auroc = mean_auroc(val_rows)
+            val = self.predict(model, "val")
+            val_auroc = mean_auroc(per_label_auroc(val.labels, val.scores, self.spec.label_names))
             wait_fractions.append(stats["data_wait_fraction"])
             improved = val_auroc is not None and val_auroc > best_auroc
             if improved:
@@ -245,7 +257,11 @@ class Trainer:
         for split in EVAL_SPLITS:
             if split_row_count(args.dataset, split) == 0:
                 continue
-            metrics, (ids, scores, _) = self.evaluate(model, split)
+            predictions = self.predict(model, split)
+            if not self.dist.is_main:
+                continue
+            metrics = auroc_report(predictions.labels, predictions.scores, predictions.patient_ids,
+                                   self.spec.label_names, args.bootstrap, args.seed)
             for metric in metrics:
                 rows.append({
                     "run_id": args.run_id, "created_at": created, "dataset": self.spec.dataset,
@@ -253,18 +269,23 @@ class Trainer:
                     **metric, "best_epoch": best_epoch, "world_size": self.dist.size, "backend": self.dist.name,
                     "data_wait_fraction": wait_fraction, "run_dir": str(self.run_dir.resolve()),
                 })
-            if self.dist.is_main:
-                self.save_predictions(stage, split, ids, scores)
+            self.save_predictions(stage, split, predictions)
+            roc_curves(predictions.labels, predictions.scores, metrics, self.run_dir / f"roc_{stage}_{split}.png",
+                       f"{args.model}, {stage} (best epoch {best_epoch}), {split}: {len(predictions.image_ids)} images")
+            mean = metrics[-1]
             log.info("%s best (epoch %d) on %s: mean AUROC %s", stage, best_epoch, split,
-                     "n/a" if mean_auroc(metrics) is None else f"{mean_auroc(metrics):.4f}")
+                     "n/a" if mean["auroc"] is None
+                     else f"{mean['auroc']:.4f} [95% CI {mean['auroc_ci_low']:.4f}, {mean['auroc_ci_high']:.4f}]")
         if self.dist.is_main and rows:
             append_results(args.results_table, rows, args.results_engine)
+            training_curves(self.run_dir / "summary.csv", self.run_dir / "training_curves.png")
 
-    def save_predictions(self, stage, split, ids, scores) -> None:
+    def save_predictions(self, stage, split, predictions: Predictions) -> None:
+        """image_id and one probability column per label: the format training.evaluate reads."""
         with (self.run_dir / f"predictions_{stage}_{split}.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["image_id", *self.spec.label_names])
-            for image_id, row in zip(ids, scores):
+            for image_id, row in zip(predictions.image_ids, predictions.scores):
                 writer.writerow([image_id, *(f"{value:.6f}" for value in row)])
 
 

@@ -1,0 +1,50 @@
+"""PNG figures of a run: ROC curves per label and training curves per epoch."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def roc_curves(labels: np.ndarray, scores: np.ndarray, report: list[dict], path: Path, title: str) -> None:
+    """One curve per label that has positives and negatives; the legend gives AUROC [95% CI]."""
+    figure, axes = plt.subplots(figsize=(7, 6.5))
+    axes.set_prop_cycle(color=plt.cm.tab20.colors)  # 14-15 labels: tab10 would repeat colours
+    for index, row in enumerate(report[: labels.shape[1]]):
+        if row["auroc"] is None:
+            continue
+        false_positive, true_positive, _ = roc_curve(labels[:, index], scores[:, index])
+        interval = (f" [{row['auroc_ci_low']:.2f}, {row['auroc_ci_high']:.2f}]"
+                    if row.get("auroc_ci_low") is not None else "")
+        axes.plot(false_positive, true_positive, linewidth=1.2,
+                  label=f"{row['label']} {row['auroc']:.3f}{interval} (n+={row['n_pos']})")
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axes.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    axes.legend(fontsize=7, loc="lower right", title="AUROC [95% CI]", title_fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def training_curves(summary_csv: Path, path: Path) -> None:
+    """Train loss and validation mean AUROC per epoch, stages one after another."""
+    with summary_csv.open() as handle:
+        rows = list(csv.DictReader(handle))
+    steps = np.arange(1, len(rows) + 1)
+    figure, (loss_axes, auroc_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot(steps, [float(r["train_loss"]) for r in rows], marker="o")
+    auroc_axes.plot(steps, [float(r["val_mean_auroc"]) if r["val_mean_auroc"] else np.nan for r in rows], marker="o")
+    for axes, name in ((loss_axes, "train loss"), (auroc_axes, "validation mean AUROC")):
+        axes.set(xlabel="epoch", ylabel=name, title=name)
+        axes.set_xticks(steps, [f"{r['stage']} {r['epoch']}" for r in rows], rotation=45, fontsize=7)
+        for boundary in np.flatnonzero([a["stage"] != b["stage"] for a, b in zip(rows, rows[1:])]):
+            axes.axvline(boundary + 1.5, color="grey", linestyle=":")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
