@@ -41,6 +41,9 @@ def decode_resize(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes -> (size, size) grey uint8, or ImageError with the reason."""
     if not data:
         raise ImageError("empty_file", "file has zero bytes")
+    if data[128:132] == b"DICM":  # DICOM Part 10: its window and photometry need pydicom
+        from etl.dicom_images import decode_resize_dicom
+        return decode_resize_dicom(data, size)
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as exc:  # Pillow raises several types for unreadable headers

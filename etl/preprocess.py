@@ -28,10 +28,12 @@ import pyarrow.parquet as pq
 
 from etl.config import dump_config, parse_args
 from etl.images import ImageError, decode_resize, normalise
-from etl.schema import METADATA_COLUMNS, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, split_dir
-from etl.sources import SOURCES, get_source
+from etl.schema import FOLD_COLUMN, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, metadata_columns, split_dir
+from etl.sources import SOURCES, get_source, manifest_options, side_tables
 from etl.sources.manifest import REJECT_COLUMNS, resolve_inside
-from etl.splits import assign_splits, check_patient_disjoint, parse_fractions
+from etl.splits import assign_folds, assign_splits, check_patient_disjoint, fold_split, parse_fractions
+from etl.subsets import balanced_subset, class_membership, parse_targets
+from etl.uncertainty import BLANK_POLICIES, spec_label_fields
 
 log = logging.getLogger("etl")
 QUARANTINE_SPLIT = "quarantine"
@@ -44,7 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--source", choices=sorted(SOURCES), help="dataset layout of --data-root")
     parser.add_argument("--data-root", help="folder of the download (images and label files below it)")
-    parser.add_argument("--labels-csv", help="NIH only: label table, if not DATA_ROOT/Data_Entry_2017*.csv")
+    parser.add_argument("--labels-csv", help="label table, if not in DATA_ROOT (nih: Data_Entry_2017*.csv, "
+                                             "chexpert: train.csv, dicom: labels.csv)")
+    parser.add_argument("--no-finding-class", action="store_true",
+                        help="nih: 15 classes, 'No Finding' as a class of its own (default: the 14 findings)")
+    parser.add_argument("--frontal-only", action="store_true", help="chexpert: leave lateral images out")
+    parser.add_argument("--uncertainty-policy",
+                        help="chexpert: what uncertain (-1) labels become: U-Zeros (default), U-Ones, U-Ignore, "
+                             "U-MultiClass or U-SelfTrained for all labels, or a default then per-label choices, "
+                             "e.g. 'U-Zeros,Atelectasis=U-Ones,Cardiomegaly=U-MultiClass' (etl/uncertainty.py)")
+    parser.add_argument("--blank-policy", choices=BLANK_POLICIES,
+                        help="chexpert: blank (unmentioned) labels are negative (U-Zeros, default) "
+                             "or masked (U-Ignore)")
+    parser.add_argument("--folds", type=int,
+                        help="K >= 2: K patient-disjoint train/val folds of the train_val part; rows carry a "
+                             "`fold` column and split=train/val hold fold 0's division")
+    parser.add_argument("--subset-targets",
+                        help="balanced subset: images per class, e.g. '2000,No Finding=10000' (etl/subsets.py); "
+                             "other images are left out before decoding")
     parser.add_argument("--output", help="dataset folder to create (Parquet, partitioned by split)")
     parser.add_argument("--size", type=int, default=512,
                         help=f"square output size in pixels; the reports used {SIZES} (default 512)")
@@ -126,7 +145,7 @@ def failure_reason(exc: Exception) -> str:
 def output_schema(spec: DatasetSpec):
     from pyspark.sql.types import BinaryType, StringType, StructField, StructType, _parse_datatype_string
 
-    columns = _parse_datatype_string(", ".join(f"{name} {kind}" for name, kind in METADATA_COLUMNS.items()))
+    columns = _parse_datatype_string(", ".join(f"{name} {kind}" for name, kind in metadata_columns(spec).items()))
     return StructType(list(columns.fields) + [
         StructField("split", StringType()),
         StructField(spec.pixel_column, BinaryType(), metadata={SPEC_METADATA_KEY: spec.to_json()}),
@@ -138,7 +157,8 @@ def output_schema(spec: DatasetSpec):
 def write_parquet(spark, rows: pd.DataFrame, data_root: str, spec: DatasetSpec, staging: Path, rows_per_file: int):
     """Decode and write all rows; returns nothing, the files are the result."""
     schema = output_schema(spec)
-    input_schema = [field.name for field in schema.fields if field.name in METADATA_COLUMNS or field.name == "split"]
+    input_columns = set(metadata_columns(spec)) | {"split"}
+    input_schema = [field.name for field in schema.fields if field.name in input_columns]
     manifest = spark.createDataFrame(rows[input_schema], schema=_input_struct(schema, input_schema))
     partitions = max(2 * spark.sparkContext.defaultParallelism, -(-len(rows) // rows_per_file))
     (
@@ -202,48 +222,71 @@ def run(args: argparse.Namespace) -> dict:
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    manifest = get_source(args.source).build_manifest(args.data_root, **(
-        {"labels_csv": args.labels_csv} if args.labels_csv else {}))
-    if manifest.rows_read == 0:
+    try:
+        options = manifest_options(args.source, {
+            "labels_csv": args.labels_csv, "no_finding_class": args.no_finding_class, "frontal_only": args.frontal_only,
+            "uncertainty_policy": args.uncertainty_policy, "blank_policy": args.blank_policy})
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    manifest = get_source(args.source).build_manifest(args.data_root, **options)
+    extra_tables = side_tables(args.source, args.data_root)
+    rows_read, left_out_by_subset = manifest.rows_read, 0
+    if args.subset_targets:
+        membership = class_membership(manifest.rows, manifest.label_names)
+        keep = balanced_subset(membership, parse_targets(args.subset_targets, list(membership.columns)),
+                               manifest.rows["image_id"], args.seed)
+        left_out_by_subset = int((~keep).sum())
+        manifest.rows = manifest.rows[keep].reset_index(drop=True)
+    if rows_read == 0:
         raise SystemExit(f"nothing to do: no label rows and no images under {args.data_root}; "
                          f"check --data-root and --source {args.source}")
     rows = manifest.rows
     rows["split"] = assign_splits(rows["patient_id"], args.seed, parse_fractions(args.split_fractions),
                                   rows["official_split"] if rows["official_split"].notna().any() else None)
+    if args.folds:
+        rows[FOLD_COLUMN] = assign_folds(rows["patient_id"], args.seed, args.folds).where(rows["split"] != "test")
+        rows[FOLD_COLUMN] = rows[FOLD_COLUMN].astype("Int32")
+        rows["split"] = fold_split(rows["split"], rows[FOLD_COLUMN], 0)
     check_patient_disjoint(rows["patient_id"], rows["split"])
     timings["manifest"] = time.perf_counter() - started
-    log.info("manifest: %d rows read, %d to decode (%s), %d rejected before decoding, %.1fs",
-             manifest.rows_read, len(rows), rows["split"].value_counts().to_dict(), len(manifest.rejects),
-             timings["manifest"])
+    log.info("manifest: %d rows read, %d to decode (%s), %d rejected before decoding, %d left out by the subset, "
+             "%.1fs", rows_read, len(rows), rows["split"].value_counts().to_dict(), len(manifest.rejects),
+             left_out_by_subset, timings["manifest"])
 
-    spec = DatasetSpec(manifest.dataset, manifest.label_names, args.size, args.dtype)
+    spec = DatasetSpec(manifest.dataset, manifest.label_names, args.size, args.dtype, **spec_label_fields(manifest),
+                       folds=args.folds or 0)
     staging = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        started = time.perf_counter()
         if len(rows):
+            started = time.perf_counter()
             spark = spark_session(args.master)
+            timings["spark_start"] = time.perf_counter() - started
+            started = time.perf_counter()
             write_parquet(spark, rows, str(Path(args.data_root).resolve()), spec, staging, args.rows_per_file)
-        timings["decode_write"] = time.perf_counter() - started
+            timings["decode_write"] = time.perf_counter() - started
         staging.mkdir(exist_ok=True)  # Spark creates it, unless there was nothing to decode
         rejects = pd.concat([manifest.rejects, collect_decode_rejects(staging)], ignore_index=True)
         written = written_rows(staging)
         check_patient_disjoint(written["patient_id"], written["split"])
         summary = {
             "dataset": spec.dataset,
-            "rows_read": manifest.rows_read,
+            "rows_read": rows_read,
             "rows_written": {split: int((written["split"] == split).sum()) for split in SPLITS},
             "rows_quarantined": len(rejects),
+            "rows_left_out_by_subset": left_out_by_subset,
             "quarantined_by_reason": rejects["reason"].value_counts().to_dict(),
             "values_kept_as_null": manifest.warnings["field"].value_counts().to_dict(),
             "patients": {split: int(written.loc[written["split"] == split, "patient_id"].nunique()) for split in SPLITS},
             "seconds": timings,
         }
-        if sum(summary["rows_written"].values()) + summary["rows_quarantined"] != summary["rows_read"]:
+        if (sum(summary["rows_written"].values()) + summary["rows_quarantined"] + left_out_by_subset
+                != summary["rows_read"]):
             raise RuntimeError(f"row counts do not reconcile, nothing committed: {summary}")
-        log.info("decode+write: %s rows written, %d quarantined %s, %.1fs (%.1f img/s)",
-                 summary["rows_written"], len(rejects), summary["quarantined_by_reason"], timings["decode_write"],
-                 len(rows) / max(timings["decode_write"], 1e-9))
+        seconds = timings.get("decode_write", 0.0)
+        log.info("decode+write: %s rows written, %d quarantined %s, %.1fs (%.1f img/s; Spark start %.1fs)",
+                 summary["rows_written"], len(rejects), summary["quarantined_by_reason"], seconds,
+                 len(rows) / max(seconds, 1e-9), timings.get("spark_start", 0.0))
         (staging / "_quarantine").mkdir()
         pq.write_table(pa.Table.from_pandas(rejects.astype({"source_row": "Int64"}), preserve_index=False),
                        staging / "_quarantine" / "rejects.parquet")
@@ -251,6 +294,9 @@ def run(args: argparse.Namespace) -> dict:
                        staging / "_quarantine" / "field_warnings.parquet")
         (staging / "_etl_summary.json").write_text(json.dumps(summary, indent=2))
         dump_config(args, staging / "_etl_config.yaml")
+        for name, table in extra_tables.items():  # e.g. NIH bounding boxes, for localisation checks
+            (staging / "_side").mkdir(exist_ok=True)
+            pq.write_table(pa.Table.from_pandas(table, preserve_index=False), staging / "_side" / f"{name}.parquet")
         commit(staging, output, args.overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

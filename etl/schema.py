@@ -7,6 +7,7 @@ normalisation constants. Pure Python + pyarrow: no Spark, no torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,14 @@ METADATA_COLUMNS = {
     "sex": "string",
     "view_position": "string",
 }
+# Written only when the spec says so (`has_mask`, `folds`), so datasets without them keep their layout.
+# `label_mask` is 1.0 where a label counts in the loss, 0.0 where an uncertainty policy masked it out.
+LABEL_MASK_COLUMN = "label_mask"
+# `fold` is 0..folds-1 for train and val rows (val is fold 0), null for test rows.
+FOLD_COLUMN = "fold"
+# The uncertainty policy (etl/uncertainty.py) under which `labels` holds, for that label, the class
+# index 0 (negative), 1 (uncertain) or 2 (positive) instead of 0/1: the model needs a 3-way output.
+MULTICLASS_POLICY = "U-MultiClass"
 
 
 @dataclass(frozen=True)
@@ -44,10 +53,17 @@ class DatasetSpec:
     pixel_dtype: str = "uint8"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    # label name -> uncertainty policy that made its `labels` entries (CheXpert); empty: plain multi-hot.
+    label_policies: dict[str, str] = dataclasses.field(default_factory=dict)
+    has_mask: bool = False  # rows carry LABEL_MASK_COLUMN
+    folds: int = 0  # > 0: rows carry FOLD_COLUMN (K-fold train/val of the train_val part)
 
     def __post_init__(self):
         if self.pixel_dtype not in PIXEL_DTYPES:
             raise ValueError(f"pixel_dtype must be one of {PIXEL_DTYPES}, got {self.pixel_dtype!r}")
+        unknown = sorted(set(self.label_policies) - set(self.label_names))
+        if unknown:
+            raise ValueError(f"label_policies name labels that are not in label_names: {unknown}")
 
     @property
     def pixel_column(self) -> str:
@@ -63,15 +79,31 @@ class DatasetSpec:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    @property
+    def multiclass_labels(self) -> tuple[str, ...]:
+        """Labels whose `labels` entry is a class index 0/1/2 (MULTICLASS_POLICY), in label order."""
+        return tuple(name for name in self.label_names if self.label_policies.get(name) == MULTICLASS_POLICY)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "DatasetSpec":
+        """Specs written before a field existed parse with that field's default."""
         raw = json.loads(text)
         for key in ("label_names", "mean", "std"):
             raw[key] = tuple(raw[key])
         return cls(**raw)
+
+
+def metadata_columns(spec: DatasetSpec) -> dict[str, str]:
+    """METADATA_COLUMNS plus the optional columns this spec says its rows carry."""
+    columns = dict(METADATA_COLUMNS)
+    if spec.has_mask:
+        columns[LABEL_MASK_COLUMN] = "array<float>"
+    if spec.folds:
+        columns[FOLD_COLUMN] = "int"
+    return columns
 
 
 def split_dir(dataset_dir: str | Path, split: str) -> Path:

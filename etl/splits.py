@@ -16,7 +16,7 @@ class SplitLeakError(ValueError):
     """Some patient has images in more than one split."""
 
 
-def patient_uniform(patient_ids: pd.Series, seed: int) -> pd.Series:
+def patient_uniform(patient_ids: pd.Series, seed: int | str) -> pd.Series:
     """A stable pseudo-random number in [0, 1) per patient id."""
     unique = patient_ids.drop_duplicates()
     values = {
@@ -73,3 +73,19 @@ def check_patient_disjoint(patient_ids: pd.Series, splits: pd.Series) -> None:
             f"{len(leaked)} patients have images in more than one split, e.g. {list(leaked.index[:5])}; "
             "the official lists disagree with each other or the data is mislabelled"
         )
+
+
+def assign_folds(patient_ids: pd.Series, seed: int, folds: int) -> pd.Series:
+    """Fold 0..folds-1 per row, by patient: a stable hash of its own (not the split's), so
+    adding patients moves nobody and every image of a patient is in one fold."""
+    if folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {folds}")
+    u = patient_uniform(patient_ids, f"folds:{seed}")
+    return (u * folds).astype(int).clip(upper=folds - 1)
+
+
+def fold_split(splits: pd.Series, folds: pd.Series, fold: int) -> pd.Series:
+    """The train/val division of fold `fold`: train_val rows (train or val in `splits`) whose
+    fold is `fold` are val, the others train; test rows stay test."""
+    in_train_val = splits.isin(["train", "val"])
+    return splits.where(~in_train_val, (folds == fold).map({True: "val", False: "train"}))

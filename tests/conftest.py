@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
 NIH = SHARED_DATA / "nih"
 KERMANY = SHARED_DATA / "kermany" / "train"
+CHEXPERT_TRAIN_CSV = SHARED_DATA / "chexpert" / "chexpert_train.csv.gz"
+DICOM = SHARED_DATA / "dicom"
 BIN = Path(sys.executable).parent
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")

@@ -1,11 +1,15 @@
 """Dataset sources: each turns a download, as users get it, into a manifest (no pixels).
 
 A source is a small module with `LABEL_NAMES` and `build_manifest(data_root, **options)`
-returning a :class:`etl.sources.manifest.Manifest`. Register it in `SOURCES`.
+returning a :class:`etl.sources.manifest.Manifest`. Register it in `SOURCES`. (The dicom
+source has no fixed `LABEL_NAMES`: its labels are the columns of the user's label CSV.)
+Optionally, `side_tables(data_root)` returns tables the ETL writes beside the dataset.
 """
-from etl.sources import nih, pneumonia
+import inspect
 
-SOURCES = {"nih": nih, "pneumonia": pneumonia}
+from etl.sources import chexpert, dicom, nih, pneumonia
+
+SOURCES = {"chexpert": chexpert, "dicom": dicom, "nih": nih, "pneumonia": pneumonia}
 
 
 def get_source(name: str):
@@ -13,3 +17,30 @@ def get_source(name: str):
         return SOURCES[name]
     except KeyError:
         raise ValueError(f"unknown source {name!r}; choose one of {sorted(SOURCES)}") from None
+
+
+def manifest_options(name: str, given: dict) -> dict:
+    """The options given (None and False left out) for source `name`; ValueError naming the
+    ones it does not take (--frontal-only with --source nih, say)."""
+    options = {key: value for key, value in given.items() if value is not None and value is not False}
+    accepted = inspect.signature(get_source(name).build_manifest).parameters
+    wrong = sorted(key for key in options if key not in accepted)
+    if wrong:
+        flags = ", ".join("--" + key.replace("_", "-") for key in wrong)
+        raise ValueError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --source {name}")
+    return options
+
+
+def label_manifest(name: str, data_root, **options):
+    """The manifest of every label row, image file present or not, for analyses that need no
+    pixels (sources that read labels from image files still need the files)."""
+    options = manifest_options(name, options)
+    if "check_images" in inspect.signature(get_source(name).build_manifest).parameters:
+        options["check_images"] = False
+    return get_source(name).build_manifest(data_root, **options)
+
+
+def side_tables(name: str, data_root) -> dict:
+    """name -> DataFrame of the tables the source keeps beside the dataset (NIH: bounding boxes)."""
+    source = get_source(name)
+    return source.side_tables(data_root) if hasattr(source, "side_tables") else {}

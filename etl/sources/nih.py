@@ -15,6 +15,11 @@ LABEL_NAMES = (
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
 NO_FINDING = "No Finding"
+# The 15-class option: "No Finding" as a class of its own, set when no other label is.
+LABEL_NAMES_WITH_NO_FINDING = LABEL_NAMES + (NO_FINDING,)
+# BBox_List_2017.csv names Infiltration "Infiltrate".
+BBOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
+BBOX_COLUMNS = ["image_id", "label", "x", "y", "width", "height"]
 MAX_PLAUSIBLE_AGE = 120  # the 2017 release has a few ages up to 414 (fixed in 2020): data errors, stored as null
 
 
@@ -39,8 +44,9 @@ def read_official_lists(data_root: Path) -> dict[str, str] | None:
     return official
 
 
-def parse_labels(findings: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """'A|B' strings -> (multi-hot lists in LABEL_NAMES order, unknown label names or '')."""
+def parse_labels(findings: pd.Series, no_finding_class: bool = False) -> tuple[pd.Series, pd.Series]:
+    """'A|B' strings -> (multi-hot lists in LABEL_NAMES order, unknown label names or '').
+    With `no_finding_class` the lists have a 15th entry, 1 when none of the 14 is set."""
     position = {name: i for i, name in enumerate(LABEL_NAMES)}
     vectors, unknown = [], []
     for text in findings.fillna(""):
@@ -52,6 +58,8 @@ def parse_labels(findings: pd.Series) -> tuple[pd.Series, pd.Series]:
                 vector[position[name]] = 1.0
             else:
                 bad.append(name)
+        if no_finding_class:
+            vector.append(0.0 if any(vector) else 1.0)
         vectors.append(vector)
         unknown.append("|".join(bad))
     return pd.Series(vectors, index=findings.index), pd.Series(unknown, index=findings.index)
@@ -75,14 +83,17 @@ def escapes_root(data_root: Path, image_ids: pd.Series) -> pd.Series:
     return image_ids.map(escapes)
 
 
-def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None) -> Manifest:
+def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None, no_finding_class: bool = False,
+                   check_images: bool = True) -> Manifest:
+    """`check_images=False` keeps rows whose image file is absent (label-only analyses:
+    etl/explore.py, etl/subsets.py); the ETL always checks."""
     data_root = Path(data_root)
     table = pd.read_csv(labels_csv or find_labels_csv(data_root), dtype=str, keep_default_na=False)
     table["source_row"] = range(1, len(table) + 1)  # 1-based data row, header excluded
     index, ambiguous = index_images(data_root, (".png",))
     official = read_official_lists(data_root)
 
-    labels, unknown = parse_labels(table["Finding Labels"])
+    labels, unknown = parse_labels(table["Finding Labels"], no_finding_class)
     rows = pd.DataFrame({
         "image_id": table["Image Index"],
         "patient_id": table["Patient ID"].str.strip(),
@@ -102,7 +113,8 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None) 
          "image is in neither train_val_list.txt nor test_list.txt"),
         (unknown != "", "unknown_label", "unknown label(s): " + unknown),
         (rows["image_id"].isin(ambiguous), "ambiguous_file", "more than one file with this name below the data root"),
-        (rows["source_path"].isna(), "image_missing", "image file not found below " + str(data_root)),
+        (rows["source_path"].isna() if check_images else None, "image_missing",
+         "image file not found below " + str(data_root)),
         (rows["patient_id"] == "", "missing_patient_id", "no Patient ID: the row cannot be split by patient"),
         (escapes_root(data_root, rows["image_id"]), "path_escapes_root", "image id points outside the data root"),
         (rows["image_id"].duplicated(keep="first"), "duplicate_image_id", "image id listed earlier in the CSV"),
@@ -124,7 +136,8 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None) 
         for name, path in sorted(index.items()) if name not in listed
     ]
     warnings = field_warnings(table, rows)
-    return Manifest(DATASET, LABEL_NAMES, rows[~bad].reset_index(drop=True), rejects_frame(rejects),
+    label_names = LABEL_NAMES_WITH_NO_FINDING if no_finding_class else LABEL_NAMES
+    return Manifest(DATASET, label_names, rows[~bad].reset_index(drop=True), rejects_frame(rejects),
                     warnings[warnings["image_id"].isin(rows.loc[~bad, "image_id"])].reset_index(drop=True))
 
 
@@ -136,3 +149,20 @@ def field_warnings(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
         frames.append(pd.DataFrame({"image_id": rows.loc[bad, "image_id"], "source_row": rows.loc[bad, "source_row"],
                                     "field": field, "value": table.loc[bad, raw]}))
     return pd.concat(frames, ignore_index=True)
+
+
+def read_bounding_boxes(path: str | Path) -> pd.DataFrame:
+    """BBox_List_2017.csv -> image_id, label (as in LABEL_NAMES), x, y, width, height in pixels of
+    the 1024x1024 original. The file's header splits 'Bbox [x,y,w,h]' over four columns."""
+    table = pd.read_csv(path, header=0, usecols=range(6), names=BBOX_COLUMNS)
+    table["label"] = table["label"].str.strip().replace(BBOX_LABEL_ALIASES)
+    unknown = sorted(set(table["label"]) - set(LABEL_NAMES))
+    if unknown:
+        raise ValueError(f"{path}: unknown bounding-box labels {unknown}; expected names from {LABEL_NAMES}")
+    return table
+
+
+def side_tables(data_root: str | Path) -> dict[str, pd.DataFrame]:
+    """Tables written beside the dataset: the bounding boxes, when BBox_List_2017.csv* is in the data root."""
+    found = sorted(Path(data_root).glob("BBox_List_2017*.csv*"))
+    return {"bounding_boxes": read_bounding_boxes(found[0])} if found else {}
