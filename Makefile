@@ -8,7 +8,7 @@ export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 NP ?= 2
 
-.PHONY: install demo demo-data etl train results test bench clean
+.PHONY: install demo demo-data etl train results test bench bench-pneumonia clean
 
 install:
 	bash install/setup_env.sh
@@ -35,3 +35,8 @@ bench: install
 
 clean:
 	rm -rf outputs demo_data
+
+# Issue-4 quality benchmark: real pediatric pneumonia train split, from scratch, 2 CPU cores.
+bench-pneumonia: install
+	time spark-submit --master 'local[2]' etl/preprocess.py --config conf/kermany.yaml
+	time python training/train.py --config conf/kermany.yaml --backend single

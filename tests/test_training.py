@@ -1,12 +1,13 @@
 """train.py end to end on the real NIH partitions: one process, torchrun and horovodrun, Delta rows."""
 import importlib.util
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from deltalake import DeltaTable
 
-from conftest import BIN, run_cli
+from conftest import BIN, NIH, run_cli
 from etl.sources.nih import LABEL_NAMES
 from training.results import read_results
 
@@ -39,10 +40,46 @@ def check_run(tmp_path, world_size, backend):
 def test_single_process_two_stages_and_appends_to_delta(nih_dataset, tmp_path):
     run_cli(BIN / "python", *train_args(nih_dataset, tmp_path))
     check_run(tmp_path, 1, "single")
-    run_cli(BIN / "python", *train_args(nih_dataset, tmp_path / "second", "--results-table", tmp_path / "results"))
+    # A second run with the other training options: metadata fusion, augmentation, SGD, step drops.
+    run_cli(BIN / "python", *train_args(nih_dataset, tmp_path / "second", "--results-table", tmp_path / "results",
+                                        "--model", "small_cnn+meta", "--augment", "default", "--optimizer", "sgd",
+                                        "--lr-finetune", 0.01, "--schedule", "step", "--lr-step-epochs", 1,
+                                        "--loss", "batch-weighted", "--epochs-finetune", 2, "--warmup-steps", 0))
     results = read_results(str(tmp_path / "results"))
     assert results["run_id"].nunique() == 2 and len(results) == 4 * ROWS_PER_STAGE  # appended, not overwritten
     assert len(DeltaTable(str(tmp_path / "results")).history()) == 4  # one version per stage of each run
+    assert set(results["model"]) == {"small_cnn", "small_cnn+meta"}
+
+    labelled = results[(results["label"] != "mean") & results["threshold"].notna()]
+    assert len(labelled) > 0  # operating points chosen on val, applied to val and test
+    confusion = labelled[["tp", "fp", "fn", "tn"]].sum(axis=1)
+    assert (confusion == labelled["n_pos"] + labelled["n_neg"]).all()
+    with_positives = labelled[labelled["n_pos"] > 0]
+    assert (with_positives["recall"] - with_positives["tp"] / with_positives["n_pos"]).abs().max() < 1e-12
+    assert labelled.loc[labelled["n_pos"] == 0, "recall"].isna().all()
+
+    (second,) = (tmp_path / "second" / "runs").iterdir()
+    page = (second / "report.html").read_text()
+    assert all(run_id in page for run_id in results["run_id"].unique())  # compares the runs of the table
+    assert page.count("<img src=\"data:image/png;base64,") == 5  # ROC curves of 2 stages x 2 splits, curves
+    summary = pd.read_csv(second / "summary.csv")
+    assert summary.loc[summary["stage"] == "finetune", "lr"].tolist() == pytest.approx([0.01, 0.001])
+
+
+def test_predict_prints_probabilities_and_writes_overlays_for_a_fusion_model(nih_dataset, tmp_path):
+    from training.predict import main as predict
+
+    run_cli(BIN / "python", *train_args(nih_dataset, tmp_path, "--model", "small_cnn+meta", "--stages", "finetune"))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    images = sorted((NIH / "images").glob("*.png"))[:2]
+    args = ["--checkpoint", str(run_dir / "best_finetune.pth"), "--overlay-dir", str(tmp_path / "overlays"),
+            "--label", "Effusion", *map(str, images)]
+    unknown = predict(args)
+    known = predict([*args, "--age", "70", "--sex", "F", "--view-position", "PA"])
+    assert [r["path"] for r in known] == list(map(str, images))
+    assert all(0 <= p <= 1 for r in known for p in r["probabilities"].values())
+    assert known[0]["probabilities"] != unknown[0]["probabilities"]  # the patient data reaches the model
+    assert all(Path(r["overlay"]).stat().st_size > 1000 for r in known)
 
 
 def test_evaluate_command_reproduces_the_delta_rows_from_the_predictions_file(nih_dataset, tmp_path):
@@ -96,3 +133,35 @@ def test_torch_distributor_local_mode_runs_the_same_training(nih_dataset, tmp_pa
     run_cli(BIN / "python", "jobs/train_distributor.py", "--num-processes", 2, "--local-mode", "--",
             *train_args(nih_dataset, tmp_path)[1:])
     check_run(tmp_path, 2, "torch")
+
+
+def test_ensemble_of_the_best_epochs_averages_members_and_scores_like_a_model(nih_dataset, tmp_path):
+    from etl.schema import read_dataset_spec
+    from training import checkpoints
+    from training.ensemble import main as ensemble, score_checkpoint
+
+    run_cli(BIN / "python", *train_args(nih_dataset, tmp_path, "--stages", "finetune", "--epochs-finetune", 3,
+                                        "--keep-epochs", 2))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    kept = sorted(run_dir.glob("epoch_finetune_*.pth"))
+    summary = pd.read_csv(run_dir / "summary.csv")
+    best_two = summary.nlargest(2, "val_mean_auroc")["val_mean_auroc"].tolist()
+    assert len(kept) == 2
+    assert sorted(checkpoints.load(p)["val_mean_auroc"] for p in kept) == pytest.approx(sorted(best_two))
+
+    members = [str(p) for p in kept] + [str(run_dir / "predictions_finetune_test.csv")]
+    report = ensemble(["--dataset", str(nih_dataset), "--split", "test", "--output-dir", str(tmp_path / "ens"),
+                       "--results-table", str(tmp_path / "results"), "--bootstrap", "100", *members])
+    averaged = pd.read_csv(tmp_path / "ens" / "predictions_ensemble_test.csv").set_index("image_id")
+    best = pd.read_csv(run_dir / "predictions_finetune_test.csv").set_index("image_id").loc[averaged.index]
+    spec = read_dataset_spec(nih_dataset)
+    epochs = [score_checkpoint(p, nih_dataset, "test", spec, 8).loc[averaged.index] for p in kept]
+    assert ((averaged - (epochs[0] + epochs[1] + best) / 3).abs().to_numpy().max()) < 1e-5
+    rows = read_results(str(tmp_path / "results")).query("model == 'ensemble'")
+    assert len(rows) == len(LABEL_NAMES) + 1 and rows.set_index("label").loc["mean", "auroc"] == report[-1]["auroc"]
+
+    other = tmp_path / "other.csv"
+    best.iloc[:-1].reset_index().to_csv(other, index=False)
+    with pytest.raises(SystemExit, match="not the same"):
+        ensemble(["--dataset", str(nih_dataset), "--split", "test", "--output-dir", str(tmp_path / "ens2"),
+                  members[-1], str(other)])

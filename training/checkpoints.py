@@ -54,3 +54,9 @@ def load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path} holds objects other than tensors and plain values; refusing: {exc}") from exc
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint and its sidecar."""
+    Path(path).unlink(missing_ok=True)
+    _sidecar(Path(path)).unlink(missing_ok=True)

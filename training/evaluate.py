@@ -15,14 +15,20 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from etl.schema import read_dataset_spec, split_dir
+from etl.schema import LABEL_MASK_COLUMN, DatasetSpec, read_dataset_spec, split_dir
 from training.metrics import auroc_report
 from training.plots import roc_curves
+from training.targets import LabelLayout
 
 
-def load_truth(dataset: Path, split: str) -> pd.DataFrame:
-    table = pq.read_table(split_dir(dataset, split), columns=["image_id", "patient_id", "labels"])
-    return table.to_pandas().set_index("image_id")
+def load_truth(dataset: Path, split: str, spec: DatasetSpec) -> pd.DataFrame:
+    """image_id -> patient_id and `truth` (per label 1, 0 or NaN where unknown), as train.py scores."""
+    columns = ["image_id", "patient_id", "labels"] + ([LABEL_MASK_COLUMN] if spec.has_mask else [])
+    table = pq.read_table(split_dir(dataset, split), columns=columns).to_pandas()
+    labels = np.asarray(table["labels"].tolist(), dtype=np.float64).reshape(-1, spec.num_labels)
+    mask = np.asarray(table[LABEL_MASK_COLUMN].tolist()).reshape(labels.shape) if spec.has_mask else 1
+    table["truth"] = list(LabelLayout(spec).truth(labels, np.broadcast_to(mask, labels.shape)))
+    return table.drop(columns=["labels"]).set_index("image_id")
 
 
 def align(predictions: pd.DataFrame, truth: pd.DataFrame, label_names) -> pd.DataFrame:
@@ -43,6 +49,25 @@ def align(predictions: pd.DataFrame, truth: pd.DataFrame, label_names) -> pd.Dat
     return truth.join(predictions[list(label_names)])
 
 
+def score(predictions: pd.DataFrame, dataset: Path, split: str, bootstrap: int = 1000, seed: int = 0):
+    """AUROC report of `predictions` (image_id + a column per label) on a split, and the arrays
+    it was computed from: (report, truth, scores, joined frame)."""
+    spec = read_dataset_spec(dataset)
+    joined = align(predictions, load_truth(Path(dataset), split, spec), spec.label_names)
+    labels = np.asarray(joined["truth"].tolist(), dtype=np.float64).reshape(len(joined), spec.num_labels)
+    scores = joined[list(spec.label_names)].to_numpy(dtype=np.float64)
+    report = auroc_report(labels, scores, joined["patient_id"].to_numpy(), spec.label_names, bootstrap, seed)
+    return report, labels, scores, joined
+
+
+def print_report(title: str, report: list[dict], joined: pd.DataFrame) -> None:
+    print(f"{title}: {len(joined)} images, {joined['patient_id'].nunique()} patients")
+    for row in report:
+        value = "    -" if row["auroc"] is None else (
+            f"{row['auroc']:.3f} [{row['auroc_ci_low']:.3f}, {row['auroc_ci_high']:.3f}]")
+        print(f"  {row['label']:<20} {value}  n+={row['n_pos']} n-={row['n_neg']}")
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="folder written by etl/preprocess.py")
@@ -53,17 +78,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--roc-png", help="also draw the ROC curves to this PNG")
     args = parser.parse_args(argv)
 
-    spec = read_dataset_spec(args.dataset)
-    joined = align(pd.read_csv(args.predictions), load_truth(Path(args.dataset), args.split), spec.label_names)
-    labels = np.asarray(joined["labels"].tolist(), dtype=np.float64)
-    scores = joined[list(spec.label_names)].to_numpy(dtype=np.float64)
-    report = auroc_report(labels, scores, joined["patient_id"].to_numpy(), spec.label_names, args.bootstrap, args.seed)
-    print(f"{args.predictions} on {args.dataset} {args.split}: {len(joined)} images, "
-          f"{joined['patient_id'].nunique()} patients")
-    for row in report:
-        value = "    -" if row["auroc"] is None else (
-            f"{row['auroc']:.3f} [{row['auroc_ci_low']:.3f}, {row['auroc_ci_high']:.3f}]")
-        print(f"  {row['label']:<20} {value}  n+={row['n_pos']} n-={row['n_neg']}")
+    report, labels, scores, joined = score(pd.read_csv(args.predictions), Path(args.dataset), args.split,
+                                           args.bootstrap, args.seed)
+    print_report(f"{args.predictions} on {args.dataset} {args.split}", report, joined)
     if args.roc_png:
         roc_curves(labels, scores, report, Path(args.roc_png), f"{Path(args.predictions).name}, {args.split}")
     return report

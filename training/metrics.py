@@ -1,4 +1,8 @@
-"""Per-label AUROC on exact (gathered, unpadded) predictions, with patient-level bootstrap CIs."""
+"""Per-label AUROC on exact (gathered, unpadded) predictions, with patient-level bootstrap CIs.
+
+Truth is 1 or 0 per image and label; any other value (NaN for a masked or uncertain label, a
+soft label) is unknown, and that image does not count for that label.
+"""
 from __future__ import annotations
 
 import warnings
@@ -9,6 +13,11 @@ from sklearn.metrics import roc_auc_score
 MEAN_LABEL = "mean"
 
 
+def known(truth: np.ndarray) -> np.ndarray:
+    """Rows of one label's truth column that are 1 or 0."""
+    return (truth == 0) | (truth == 1)
+
+
 def per_label_auroc(labels: np.ndarray, scores: np.ndarray, label_names) -> list[dict]:
     """One dict per label (auroc None where a label lacks positives or negatives), then the
     unweighted mean over labels that have an AUROC, as label 'mean'."""
@@ -17,7 +26,8 @@ def per_label_auroc(labels: np.ndarray, scores: np.ndarray, label_names) -> list
         truth = labels[:, index]
         n_pos = int((truth == 1).sum())
         n_neg = int((truth == 0).sum())
-        auroc = float(roc_auc_score(truth, scores[:, index])) if n_pos and n_neg else None
+        rows_known = known(truth)
+        auroc = float(roc_auc_score(truth[rows_known], scores[rows_known, index])) if n_pos and n_neg else None
         rows.append({"label": name, "auroc": auroc, "n_pos": n_pos, "n_neg": n_neg})
     defined = [row["auroc"] for row in rows if row["auroc"] is not None]
     rows.append({
@@ -67,11 +77,13 @@ def bootstrap_auroc_ci(labels: np.ndarray, scores: np.ndarray, patient_ids, n_re
     resampled = np.full((n_resamples, labels.shape[1]), np.nan)
     weights = patient_resample_weights(patient_ids, n_resamples, seed)
     for index in range(labels.shape[1]):
-        truth = labels[:, index]
-        if truth.min() == truth.max():
+        rows_known = known(labels[:, index])
+        truth = labels[rows_known, index]
+        if not (truth == 1).any() or not (truth == 0).any():
             continue
         for start in range(0, n_resamples, chunk):  # bounded memory: chunk x N floats at a time
-            resampled[start:start + chunk, index] = weighted_auroc(truth, scores[:, index], weights[start:start + chunk])
+            resampled[start:start + chunk, index] = weighted_auroc(
+                truth, scores[rows_known, index], weights[start:start + chunk, rows_known])
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: labels without an AUROC
         mean = np.nanmean(resampled, axis=1, keepdims=True)
@@ -89,4 +101,49 @@ def auroc_report(labels: np.ndarray, scores: np.ndarray, patient_ids, label_name
         defined = row["auroc"] is not None
         row["auroc_ci_low"] = float(lo) if defined else None
         row["auroc_ci_high"] = float(hi) if defined else None
+    return rows
+
+
+def youden_thresholds(labels: np.ndarray, scores: np.ndarray) -> list[float | None]:
+    """Per label, the score threshold maximising sensitivity + specificity - 1 (Youden's J),
+    chosen on validation predictions; None where a label lacks positives or negatives."""
+    from sklearn.metrics import roc_curve
+
+    thresholds = []
+    for index in range(labels.shape[1]):
+        rows_known = known(labels[:, index])
+        truth = labels[rows_known, index]
+        if not (truth == 1).any() or not (truth == 0).any():
+            thresholds.append(None)
+            continue
+        false_positive, true_positive, cut = roc_curve(truth, scores[rows_known, index])
+        best = int(np.argmax(true_positive - false_positive))
+        thresholds.append(float(min(cut[best], 1.0)))  # roc_curve's first cut is +inf
+    return thresholds
+
+
+def threshold_metrics(labels: np.ndarray, scores: np.ndarray, thresholds) -> list[dict]:
+    """Per label, at its threshold (chosen on validation): accuracy, precision, recall (sensitivity),
+    specificity, F1 and the confusion matrix counts, over images whose truth is known. Empty
+    dicts where a label has no threshold."""
+    rows = []
+    for index, threshold in enumerate(thresholds):
+        if threshold is None:
+            rows.append({})
+            continue
+        rows_known = known(labels[:, index])
+        truth = labels[rows_known, index] == 1
+        decided = scores[rows_known, index] >= threshold
+        tp, fp = int((truth & decided).sum()), int((~truth & decided).sum())
+        fn, tn = int((truth & ~decided).sum()), int((~truth & ~decided).sum())
+
+        def ratio(numerator, denominator):
+            return numerator / denominator if denominator else None
+
+        precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+        rows.append({
+            "threshold": float(threshold), "accuracy": ratio(tp + tn, tp + fp + fn + tn),
+            "precision": precision, "recall": recall, "specificity": ratio(tn, tn + fp),
+            "f1": ratio(2 * tp, 2 * tp + fp + fn), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        })
     return rows

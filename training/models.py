@@ -2,12 +2,20 @@
 
 Weights: `imagenet` (torchvision download, needs internet once), `none` (random init) or
 the path of a local checkpoint (a torchvision state dict or this project's checkpoint).
+
+Every model `<name>` also comes as `<name>+meta`, which fuses age, sex and view position with
+the image features (`MetadataFusion`); those are called `model(images, metadata)` with
+`metadata = metadata_features(age, sex, view_position)`, the others `model(images)`.
 """
 from __future__ import annotations
 
+import math
+from functools import partial
 from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,6 +35,161 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.features(images), 1))
 
 
+class VGGLike(nn.Module):
+    """The from-scratch VGG-like net of one report: blocks of two 3x3 convs (BatchNorm, ReLU)
+    and a 2x2 max pooling, 32-64-128-256 channels, a 4x4 adaptive pooling (coarse position, as
+    the small CNN), a 2048-unit fully connected layer with dropout, then the head. Conv and
+    linear weights start Xavier (Glorot) uniform, as in the report.
+
+    It reads the first channel only: the report's net takes grey images, and the loader's three
+    channels are the same grey image, each only shifted and scaled by ImageNet normalisation,
+    so channel 0 holds all there is."""
+
+    def __init__(self, num_labels: int, widths: Sequence[int] = (32, 64, 128, 256), hidden: int = 2048):
+        super().__init__()
+        layers, channels = [], 1
+        for width in widths:
+            for _ in range(2):
+                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU(inplace=True)]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4))
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(channels * 16, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5))
+        self.classifier = nn.Linear(hidden, num_labels)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, images):
+        return self.classifier(self.fc(self.features(images[:, :1])))
+
+
+class ProjectedAttention(nn.Module):
+    """Attention A: a 1x1 conv maps the layer's map L to the global width (L'), the score of
+    position i is <u, L'_i + g>, and the output is the softmax-weighted sum of the L'_i."""
+
+    def __init__(self, local_width: int, global_width: int):
+        super().__init__()
+        self.project = nn.Conv2d(local_width, global_width, 1, bias=False)
+        self.u = nn.Parameter(torch.zeros(global_width))  # zero: starts as plain average pooling
+        self.output_width = global_width
+
+    def forward(self, local, g):
+        local = self.project(local)
+        weights = _softmax_over_positions(torch.einsum("c,nchw->nhw", self.u, local + g[:, :, None, None]))
+        return torch.einsum("nhw,nchw->nc", weights, local), weights
+
+
+class ConcatAttention(nn.Module):
+    """Attention B: the score of position i is <u, concat(L_i, g)> and the output is the
+    softmax-weighted sum of the L_i themselves (the layer's own width)."""
+
+    def __init__(self, local_width: int, global_width: int):
+        super().__init__()
+        self.u = nn.Parameter(torch.zeros(local_width + global_width))  # zero: starts as plain average pooling
+        self.output_width = local_width
+
+    def forward(self, local, g):
+        both = torch.cat([local, g[:, :, None, None].expand(-1, -1, *local.shape[-2:])], 1)
+        weights = _softmax_over_positions(torch.einsum("c,nchw->nhw", self.u, both))
+        return torch.einsum("nhw,nchw->nc", weights, local), weights
+
+
+def _softmax_over_positions(scores):
+    return F.softmax(scores.flatten(1), dim=1).view_as(scores)
+
+
+class AttentionDenseNet(nn.Module):
+    """DenseNet-121 whose classifier also sees attention-pooled outputs of transition layers 1-3.
+
+    g is the global feature (norm5, ReLU, global average pooling, 1024 values); each transition
+    output is pooled by its own attention module against g, and the classifier is a linear layer
+    on concat(g, attended_1, attended_2, attended_3). The backbone stays torchvision's `features`
+    (so `features.norm5` is there for Grad-CAM and ImageNet weights load unchanged), run layer by
+    layer to tap the transition outputs. `last_attention` holds the (N, H, W) maps of the last
+    forward pass, detached, for plotting.
+
+    In both variants g adds <u, g>, the same at every position, so it cancels in the softmax:
+    the maps depend on the layer's map alone, and g reaches the logits through the classifier.
+    """
+
+    def __init__(self, num_labels: int, imagenet: bool, attention: type[nn.Module]):
+        super().__init__()
+        from torchvision.models import DenseNet121_Weights, densenet121
+
+        self.features = densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1 if imagenet else None).features
+        global_width = self.features.norm5.num_features
+        self.attention = nn.ModuleList(
+            attention(getattr(self.features, f"transition{i}").conv.out_channels, global_width) for i in (1, 2, 3))
+        self.classifier = nn.Linear(global_width + sum(a.output_width for a in self.attention), num_labels)
+        self.last_attention: list[torch.Tensor] = []
+
+    def forward(self, images):
+        taps, x = [], images
+        for name, layer in self.features.named_children():
+            x = layer(x)
+            if name.startswith("transition"):
+                taps.append(x)
+        g = F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)
+        attended, maps = zip(*(attend(local, g) for attend, local in zip(self.attention, taps)))
+        self.last_attention = [m.detach() for m in maps]
+        return self.classifier(torch.cat([g, *attended], 1))
+
+
+# Non-image inputs. Age is standardised with the mean and standard deviation over the images of
+# the full NIH ChestX-ray14 table (Data_Entry_2017_v2020.csv, 112,120 rows, ages 1-95), so a
+# missing age becomes 0, the mean. Categories outside these lists (unknown sex, other views,
+# missing values) are all-zero one-hots.
+AGE_MEAN, AGE_STD = 46.63, 16.60
+SEXES = ("M", "F")
+VIEW_POSITIONS = ("PA", "AP", "LL", "LATERAL")
+METADATA_WIDTH = 1 + len(SEXES) + len(VIEW_POSITIONS)
+METADATA_EMBEDDING = 3
+
+
+def metadata_features(age: Sequence, sex: Sequence, view_position: Sequence) -> torch.Tensor:
+    """The dataset's `age`, `sex`, `view_position` columns (equal-length sequences, None or NaN
+    where missing) -> (N, METADATA_WIDTH) float32: standardised age, sex one-hot (M, F), view
+    one-hot (PA, AP, LL, LATERAL)."""
+    if not len(age) == len(sex) == len(view_position):
+        raise ValueError(f"age, sex and view_position differ in length: {len(age)}, {len(sex)}, {len(view_position)}")
+    ages = torch.tensor([math.nan if a is None else float(a) for a in age], dtype=torch.float32)
+    return torch.cat([((ages - AGE_MEAN) / AGE_STD).nan_to_num(0.0)[:, None],
+                      _one_hot(sex, SEXES), _one_hot(view_position, VIEW_POSITIONS)], dim=1)
+
+
+def _one_hot(values: Sequence, categories: Sequence[str]) -> torch.Tensor:
+    encoded = torch.zeros(len(values), len(categories))
+    for row, value in enumerate(values):
+        if isinstance(value, str) and value in categories:
+            encoded[row, categories.index(value)] = 1.0
+    return encoded
+
+
+class MetadataFusion(nn.Module):
+    """A registered backbone whose output layer is removed, its pooled image features
+    concatenated with Linear(metadata, 3) -> ReLU, then a linear head to the label logits."""
+
+    def __init__(self, backbone_name: str, num_labels: int, imagenet: bool):
+        super().__init__()
+        architecture = MODELS[backbone_name]
+        self.backbone = architecture.build(num_labels, imagenet)
+        image_width = self.backbone.get_submodule(architecture.output).in_features
+        parent, _, leaf = architecture.output.rpartition(".")
+        setattr(self.backbone.get_submodule(parent), leaf, nn.Identity())
+        self.metadata_encoder = nn.Sequential(nn.Linear(METADATA_WIDTH, METADATA_EMBEDDING), nn.ReLU())
+        self.head = nn.Linear(image_width + METADATA_EMBEDDING, num_labels)
+
+    def forward(self, images, metadata=None):
+        if metadata is None:
+            raise ValueError("this model fuses image and metadata features: call model(images, metadata) with "
+                             "metadata = training.models.metadata_features(age, sex, view_position)")
+        return self.head(torch.cat([self.backbone(images), self.metadata_encoder(metadata)], 1))
+
+
 def _densenet121(num_labels, imagenet):
     from torchvision.models import DenseNet121_Weights, densenet121
 
@@ -35,12 +198,37 @@ def _densenet121(num_labels, imagenet):
     return model
 
 
-def _resnet50(num_labels, imagenet):
-    from torchvision.models import ResNet50_Weights, resnet50
+def _resnet(num_labels, imagenet, depth):
+    from torchvision import models
 
-    model = resnet50(weights=ResNet50_Weights.IMAGENET1K_V2 if imagenet else None)
+    weights = {18: models.ResNet18_Weights.IMAGENET1K_V1, 50: models.ResNet50_Weights.IMAGENET1K_V2}[depth]
+    model = getattr(models, f"resnet{depth}")(weights=weights if imagenet else None)
     model.fc = nn.Linear(model.fc.in_features, num_labels)
     return model
+
+
+# Partial transfer: only the first two conv blocks of VGG16 (features[:10], four convs) get
+# ImageNet weights; the rest of the net, deeper convs and fully connected layers, starts random.
+VGG16_TRANSFERRED_LAYERS = 10
+VGG16_FEATURE_LAYERS = 31  # len(torchvision vgg16().features)
+
+
+def _vgg16_partial(num_labels, imagenet):
+    """torchvision VGG16 (its adaptive 7x7 average pooling lets 64 px inputs through)."""
+    from torchvision.models import VGG16_Weights, vgg16
+
+    model = vgg16(weights=None)
+    if imagenet:
+        _load_partial(model, VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True), VGG16_TRANSFERRED_LAYERS)
+    model.classifier[6] = nn.Linear(model.classifier[6].in_features, num_labels)
+    return model
+
+
+def _load_partial(model: nn.Module, state_dict: dict, layers: int) -> None:
+    """Copy the weights of `features[:layers]` from a VGG state dict; later layers keep theirs."""
+    transferred = {key: value for key, value in state_dict.items()
+                   if key.startswith("features.") and int(key.split(".")[1]) < layers}
+    model.load_state_dict(transferred, strict=False)
 
 
 def _small_cnn(num_labels, imagenet):
@@ -49,48 +237,92 @@ def _small_cnn(num_labels, imagenet):
     return SmallCNN(num_labels)
 
 
-# name -> (constructor, name of the head module that knowledge transfer trains)
-MODELS = {
-    "densenet121": (_densenet121, "classifier"),
-    "resnet50": (_resnet50, "fc"),
-    "small_cnn": (_small_cnn, "classifier"),
+def _vgg_like(num_labels, imagenet):
+    if imagenet:
+        raise ValueError("vgg_like has no ImageNet weights; use --weights none or a checkpoint path")
+    return VGGLike(num_labels)
+
+
+class Architecture(NamedTuple):
+    build: Callable[[int, bool], nn.Module]  # (num_labels, imagenet) -> model
+    output: str  # dotted name of the final Linear to the logits; fusion replaces it
+    head: tuple[str, ...]  # module prefixes that knowledge transfer trains (the rest is frozen)
+    metadata: bool = False  # called model(images, metadata)
+
+
+def _fused(backbone_name: str) -> Architecture:
+    """`<backbone>+meta`: knowledge transfer trains what it trains in the backbone, plus the
+    metadata encoder and the fused head."""
+    backbone_head = tuple(f"backbone.{prefix}" for prefix in MODELS[backbone_name].head)
+    return Architecture(partial(MetadataFusion, backbone_name), "head", backbone_head + ("metadata_encoder", "head"),
+                        metadata=True)
+
+
+# Knowledge transfer trains the output layer; also the attention modules of the attention
+# DenseNets, and for vgg16_partial everything that did not come from ImageNet (the convs after
+# features[:10] and the whole fully connected classifier), since freezing random layers would
+# leave random features.
+MODELS: dict[str, Architecture] = {
+    "densenet121": Architecture(_densenet121, "classifier", ("classifier",)),
+    "densenet121_attA": Architecture(partial(AttentionDenseNet, attention=ProjectedAttention), "classifier",
+                                     ("attention", "classifier")),
+    "densenet121_attB": Architecture(partial(AttentionDenseNet, attention=ConcatAttention), "classifier",
+                                     ("attention", "classifier")),
+    "resnet18": Architecture(partial(_resnet, depth=18), "fc", ("fc",)),
+    "resnet50": Architecture(partial(_resnet, depth=50), "fc", ("fc",)),
+    "small_cnn": Architecture(_small_cnn, "classifier", ("classifier",)),
+    "vgg16_partial": Architecture(_vgg16_partial, "classifier.6", tuple(
+        f"features.{i}" for i in range(VGG16_TRANSFERRED_LAYERS, VGG16_FEATURE_LAYERS)) + ("classifier",)),
+    "vgg_like": Architecture(_vgg_like, "classifier", ("classifier",)),
 }
+MODELS.update({f"{name}+meta": _fused(name) for name in list(MODELS)})
+
+
+def uses_metadata(model_name: str) -> bool:
+    """Whether the model is called model(images, metadata) rather than model(images)."""
+    return MODELS[model_name].metadata
 
 
 def build_model(name: str, num_labels: int, weights: str = "none") -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    constructor, head = MODELS[name]
-    model = constructor(num_labels, weights == "imagenet")
+    model = MODELS[name].build(num_labels, weights == "imagenet")
     if weights not in ("imagenet", "none"):
-        load_backbone(model, Path(weights), head)
+        load_backbone(model, Path(weights), head_name(name))
     return model
 
 
-def load_backbone(model: nn.Module, path: Path, head: str) -> None:
+def load_backbone(model: nn.Module, path: Path, head: tuple[str, ...]) -> None:
     """Load a local checkpoint; head weights whose shape differs (another label set) are skipped."""
     if not path.exists():
         raise FileNotFoundError(f"--weights {path}: no such file (use 'imagenet', 'none' or a checkpoint path)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state)
     own = model.state_dict()
-    skipped = [k for k in state if k.startswith(head + ".") and k in own and state[k].shape != own[k].shape]
+    skipped = [k for k in state if in_head(k, head) and k in own and state[k].shape != own[k].shape]
     for key in skipped:
         del state[key]
     missing, unexpected = model.load_state_dict(state, strict=False)
-    backbone_missing = [k for k in missing if not k.startswith(head + ".")]
+    backbone_missing = [k for k in missing if not in_head(k, head)]
     if backbone_missing or unexpected:
         raise ValueError(
             f"{path} does not fit this model: missing {backbone_missing[:5]}, unexpected {unexpected[:5]}"
         )
 
 
-def head_name(model_name: str) -> str:
-    return MODELS[model_name][1]
+def head_name(model_name: str) -> tuple[str, ...]:
+    """The module name prefixes knowledge transfer trains, as a tuple (`str.startswith` takes
+    one); `in_head` matches whole name components, so `features.1` would not take `features.10`."""
+    return MODELS[model_name].head
+
+
+def in_head(name: str, head: tuple[str, ...]) -> bool:
+    """Whether a parameter or module name lies in one of the head's modules."""
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in head)
 
 
 def set_backbone_trainable(model: nn.Module, model_name: str, trainable: bool) -> None:
     """Freeze (knowledge transfer) or unfreeze (fine-tune) everything but the head."""
     head = head_name(model_name)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad = trainable or name.startswith(head + ".")
+        parameter.requires_grad = trainable or in_head(name, head)

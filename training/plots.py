@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from training.metrics import known  # noqa: E402
+
 
 def roc_curves(labels: np.ndarray, scores: np.ndarray, report: list[dict], path: Path, title: str) -> None:
     """One curve per label that has positives and negatives; the legend gives AUROC [95% CI]."""
@@ -19,7 +21,8 @@ def roc_curves(labels: np.ndarray, scores: np.ndarray, report: list[dict], path:
     for index, row in enumerate(report[: labels.shape[1]]):
         if row["auroc"] is None:
             continue
-        false_positive, true_positive, _ = roc_curve(labels[:, index], scores[:, index])
+        rows_known = known(labels[:, index])
+        false_positive, true_positive, _ = roc_curve(labels[rows_known, index], scores[rows_known, index])
         interval = (f" [{row['auroc_ci_low']:.2f}, {row['auroc_ci_high']:.2f}]"
                     if row.get("auroc_ci_low") is not None else "")
         axes.plot(false_positive, true_positive, linewidth=1.2,

@@ -26,11 +26,23 @@ RESULT_SCHEMA = pa.schema([
     ("auroc_ci_high", pa.float64()),
     ("n_pos", pa.int64()),
     ("n_neg", pa.int64()),
+    # at the label's threshold chosen on validation (Youden's J); null where there is none
+    ("threshold", pa.float64()),
+    ("accuracy", pa.float64()),
+    ("precision", pa.float64()),
+    ("recall", pa.float64()),
+    ("specificity", pa.float64()),
+    ("f1", pa.float64()),
+    ("tp", pa.int64()),
+    ("fp", pa.int64()),
+    ("fn", pa.int64()),
+    ("tn", pa.int64()),
     ("best_epoch", pa.int32()),
     ("world_size", pa.int32()),
     ("backend", pa.string()),
     ("data_wait_fraction", pa.float64()),
     ("run_dir", pa.string()),
+    ("model_config", pa.string()),  # the model and its training options, e.g. for ensembles and the report
 ])
 ENGINES = ("deltalake", "delta-spark")
 

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import json
 import logging
 import secrets
 import time
@@ -24,21 +25,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from etl.config import dump_config, parse_args
 from etl.schema import read_dataset_spec
 from training import checkpoints, distributed
-from training.data import SplitReader, label_counts, prefetch, split_row_count, split_row_groups
-from training.metrics import auroc_report, mean_auroc, per_label_auroc
+from training.augment import Augmentation, batch_generator
+from training.data import METADATA_COLUMNS, SplitReader, label_table, prefetch, split_row_count, split_row_groups
+from training.metrics import auroc_report, mean_auroc, per_label_auroc, threshold_metrics, youden_thresholds
+from training.models import (MODELS, build_model, head_name, in_head, metadata_features, set_backbone_trainable,
+                             uses_metadata)
 from training.plots import roc_curves, training_curves
-from training.models import MODELS, build_model, head_name, set_backbone_trainable
+from training.report import write_report
 from training.results import ENGINES, append_results
+from training.schedules import OPTIMIZERS, SCHEDULES, LearningRate, build_optimizer
+from training.targets import LOSSES, LabelLayout, LabelLoss, positive_weights
 
 log = logging.getLogger("train")
 STAGES = ("kt", "finetune")
 EVAL_SPLITS = ("val", "test")
+# The options that make a model what it is, kept with each result row to compare runs.
+MODEL_CONFIG = ("model", "weights", "stages", "epochs_kt", "epochs_finetune", "lr_kt", "lr_finetune", "optimizer",
+                "schedule", "batch_size", "loss", "augment", "seed")
 
 
 @dataclass
@@ -46,7 +54,7 @@ class Predictions:
     image_ids: list[str]
     patient_ids: list[str]
     scores: np.ndarray  # (N, L) probabilities
-    labels: np.ndarray  # (N, L) targets
+    labels: np.ndarray  # (N, L) truth: 1, 0, or NaN where unknown (training.targets.LabelLayout.truth)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", help="folder written by etl/preprocess.py (its --output)")
     data.add_argument("--output-dir", default="outputs/runs", help="runs go to OUTPUT_DIR/RUN_ID (default outputs/runs)")
     data.add_argument("--results-table", default="outputs/results_delta", help="Delta table of AUROC rows")
+    data.add_argument("--predict-train", action="store_true",
+                      help="also write each stage's best-model probabilities on the train split "
+                           "(predictions_<stage>_train.csv), e.g. for the U-SelfTrained relabel step")
+    data.add_argument("--keep-epochs", type=int, default=0,
+                      help="also keep the N best epochs of each stage as epoch_<stage>_<epoch>.pth, e.g. for "
+                           "python -m training.ensemble (default 0: only best_<stage>.pth)")
     data.add_argument("--results-engine", choices=ENGINES, default="deltalake",
                       help="deltalake (delta-rs, no Spark; default) or delta-spark (a Spark session with Delta jars)")
     model = parser.add_argument_group("model")
@@ -64,13 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--stages", default="kt,finetune", help="comma-separated, from: " + ", ".join(STAGES))
     schedule.add_argument("--epochs-kt", type=int, default=5, help="epochs of knowledge transfer (default 5)")
     schedule.add_argument("--epochs-finetune", type=int, default=10, help="epochs of fine-tuning (default 10)")
-    schedule.add_argument("--lr-kt", type=float, default=1e-3, help="Adam learning rate per rank, kt (default 1e-3)")
+    schedule.add_argument("--lr-kt", type=float, default=1e-3, help="learning rate per rank, kt (default 1e-3)")
     schedule.add_argument("--lr-finetune", type=float, default=1e-4, help="same for finetune (default 1e-4)")
     schedule.add_argument("--warmup-steps", type=int, default=20,
                           help="linear LR warm-up steps; the LR is scaled by the number of ranks (default 20)")
+    schedule.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                          help="adam (betas 0.9/0.999, as CheXpert; default) or sgd (with --momentum)")
+    schedule.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    schedule.add_argument("--weight-decay", type=float, default=0.0)
+    schedule.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                          help="after warm-up: constant (default), step (x --lr-gamma every --lr-step-epochs), "
+                               "plateau (x --lr-gamma after --lr-patience epochs without a better val AUROC) or "
+                               "cosine (to 0 over the stage)")
+    schedule.add_argument("--lr-gamma", type=float, default=0.1, help="factor of step and plateau drops (0.1)")
+    schedule.add_argument("--lr-step-epochs", type=int, default=3, help="epochs between step drops (3)")
+    schedule.add_argument("--lr-patience", type=int, default=1, help="plateau: epochs without improvement (1)")
     schedule.add_argument("--batch-size", type=int, default=16, help="per rank (default 16)")
-    schedule.add_argument("--pos-weight", choices=["neg-pos", "none"], default="neg-pos",
-                          help="BCE positive weight per label: negatives/positives in train (default) or none")
+    schedule.add_argument("--augment", default="none",
+                          help="train-time augmentation: none (default), default (flip, +-7 degrees, zoom 10%%, "
+                               "shift 5%%, brightness/contrast 10%%), or overrides such as "
+                               "'flip=0,rotate_degrees=10' (training/augment.py); seeded per epoch and rank")
+    schedule.add_argument("--loss", choices=LOSSES, default="pos-weighted",
+                          help="binary cross-entropy, unweighted (bce), with per-label positive weights "
+                               "negatives/positives of the train split (pos-weighted, default), or with the "
+                               "per-batch weights of ChestX-ray8 (batch-weighted); masked labels never count and "
+                               "U-MultiClass labels always use a three-way cross-entropy")
     schedule.add_argument("--max-steps-per-epoch", type=int, default=0, help="stop epochs early (0: full pass)")
     schedule.add_argument("--bootstrap", type=int, default=1000,
                           help="patient-level bootstrap resamples for the 95%% CI of each AUROC (default 1000)")
@@ -100,11 +132,16 @@ class Trainer:
         if groups < dist.size:
             raise SystemExit(f"the train split has {groups} row groups but {dist.size} ranks; rerun the ETL "
                              "with a smaller --rows-per-file so every rank gets data")
-        positives, rows = label_counts(args.dataset, "train")
-        ratio = np.where(positives > 0, (rows - positives) / np.maximum(positives, 1), 1.0)
-        weight = torch.tensor(ratio, dtype=torch.float32) if args.pos_weight == "neg-pos" else None
-        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=weight).to(self.device)
+        self.layout = LabelLayout(self.spec)
+        self.fused = uses_metadata(args.model)
+        weight = positive_weights(*label_table(args.dataset, "train", self.spec), self.layout)
+        self.loss_fn = LabelLoss(self.layout, args.loss, weight if args.loss == "pos-weighted" else None).to(self.device)
         self.run_dir = Path(args.output_dir) / args.run_id
+        self.results_written = 0  # Delta rows this process appended (rank 0)
+        try:
+            self.augmentation = Augmentation.parse(args.augment)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"--augment: {exc}") from None
 
     # ---- one stage -------------------------------------------------------------------------
     def make_stage(self, stage: str, init_state: dict | None):
@@ -112,31 +149,43 @@ class Trainer:
         call (DDP-wrapped under torchrun), the optimizer to step (Horovod's wrapper builds a new
         optimizer, so state must be loaded into it, never before wrapping) and its scheduler."""
         args = self.args
-        model = build_model(args.model, self.spec.num_labels, args.weights if init_state is None else "none")
+        model = build_model(args.model, self.layout.num_outputs, args.weights if init_state is None else "none")
         if init_state is not None:
             model.load_state_dict(init_state)
         set_backbone_trainable(model, args.model, trainable=(stage != "kt"))
         model.to(self.device)
         lr = getattr(args, f"lr_{stage}") * self.dist.size  # linear scaling rule
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        optimizer = build_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], lr,
+                                    args.momentum, args.weight_decay)
         forward, optimizer = self.dist.wrap(model, optimizer)
-        warmup = max(args.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = LearningRate(optimizer, args.schedule, getattr(args, f"epochs_{stage}"), args.warmup_steps,
+                                 args.lr_gamma, args.lr_step_epochs, args.lr_patience)
         return model, forward, optimizer, scheduler
+
+    def extra_inputs(self, batch) -> tuple:
+        """What the model takes after the images: the metadata features of fusion models."""
+        if not self.fused:
+            return ()
+        return (metadata_features(*(batch.metadata[column] for column in METADATA_COLUMNS)).to(self.device),)
 
     def train_one_epoch(self, stage, model, forward, optimizer, scheduler, epoch) -> dict:
         args, dist = self.args, self.dist
         model.train()
-        if stage == "kt":  # a frozen backbone keeps its BatchNorm statistics too
+        if stage == "kt":
+            # A frozen backbone keeps its BatchNorm statistics too. Module by module: eval() would
+            # recurse into head modules nested in a backbone container.
+            head = head_name(args.model)
             for name, module in model.named_modules():
-                if name and not name.startswith(head_name(args.model)):
-                    module.eval()
+                if name and not in_head(name, head):
+                    module.training = False
         reader = SplitReader(args.dataset, "train", self.spec, args.batch_size, dist.rank, dist.size, shuffle=True,
-                             seed=args.seed * 1000 + epoch, drop_last=True, pool=args.reader_pool, workers=args.reader_workers)
+                             seed=args.seed * 1000 + epoch, drop_last=True, pool=args.reader_pool,
+                             workers=args.reader_workers, with_metadata=self.fused)
         batches = contextlib.closing(prefetch(reader))
         expected = split_row_count(args.dataset, "train") // (args.batch_size * dist.size)
         bar = tqdm(total=expected, desc=f"{stage} epoch {epoch}", disable=not dist.is_main, leave=False)
         losses, steps, images_seen, wait = [], 0, 0, 0.0
+        generator = batch_generator(args.seed, 1000 * STAGES.index(stage) + epoch, dist.rank)
         started = time.perf_counter()
         with batches as batch_iterator:
             while not args.max_steps_per_epoch or steps < args.max_steps_per_epoch:
@@ -147,8 +196,10 @@ class Trainer:
                 if dist.allreduce_min(int(batch is not None)) == 0:
                     break
                 images, labels = batch.images.to(self.device), batch.labels.to(self.device)
+                if self.augmentation is not None:
+                    images = self.augmentation(images, generator)
                 optimizer.zero_grad()
-                loss = self.loss_fn(forward(images), labels)
+                loss = self.loss_fn(forward(images, *self.extra_inputs(batch)), labels, batch.mask.to(self.device))
                 if dist.allreduce_min(int(torch.isfinite(loss).item())) == 0:
                     raise SystemExit(
                         f"{stage} epoch {epoch} step {steps + 1}: the loss is not finite on some rank "
@@ -173,6 +224,7 @@ class Trainer:
             "images_per_second": dist.allreduce_mean(images_seen / elapsed) * dist.size,
             "data_wait_fraction": dist.allreduce_mean(wait / elapsed),
             "steps": steps,
+            "lr": scheduler.lr,
         }
 
     @torch.no_grad()
@@ -180,11 +232,13 @@ class Trainer:
         """Exact predictions of the whole split: every rank scores its shard, all are gathered."""
         model.eval()
         reader = SplitReader(self.args.dataset, split, self.spec, self.args.batch_size, self.dist.rank,
-                             self.dist.size, pool=self.args.reader_pool, workers=self.args.reader_workers)
+                             self.dist.size, pool=self.args.reader_pool, workers=self.args.reader_workers,
+                             with_metadata=self.fused)
         image_ids, patient_ids, scores, labels = [], [], [], []
         for batch in prefetch(reader):
-            scores.append(torch.sigmoid(model(batch.images.to(self.device))).float().cpu().numpy())
-            labels.append(batch.labels.numpy())
+            logits = model(batch.images.to(self.device), *self.extra_inputs(batch))
+            scores.append(self.layout.probabilities(logits).cpu().numpy())
+            labels.append(self.layout.truth(batch.labels.numpy(), batch.mask.numpy()))
             image_ids.extend(batch.image_ids)
             patient_ids.extend(batch.patient_ids)
         empty = np.zeros((0, self.spec.num_labels), dtype=np.float32)
@@ -218,6 +272,7 @@ class Trainer:
             stats = self.train_one_epoch(stage, model, forward, optimizer, scheduler, epoch)
             val = self.predict(model, "val")
             val_auroc = mean_auroc(per_label_auroc(val.labels, val.scores, self.spec.label_names))
+            scheduler.end_epoch(val_auroc)
             wait_fractions.append(stats["data_wait_fraction"])
             improved = val_auroc is not None and val_auroc > best_auroc
             if improved:
@@ -228,8 +283,10 @@ class Trainer:
             if dist.is_main:
                 self.record_epoch(stage, epoch, stats, val_auroc)
                 if improved:
-                    checkpoints.save({"model": best_state, "stage": stage, "epoch": epoch, "val_mean_auroc": val_auroc},
+                    checkpoints.save(self.model_entry(best_state, stage, epoch, val_auroc),
                                      self.run_dir / f"best_{stage}.pth")
+                if args.keep_epochs and val_auroc is not None:
+                    self.keep_best_epochs(stage, self.model_entry(model.state_dict(), stage, epoch, val_auroc))
                 checkpoints.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                   "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                                   "stage": stage, "epoch": epoch, "best_auroc": best_auroc,
@@ -240,6 +297,20 @@ class Trainer:
         return best_state
 
     # ---- outputs (rank 0) ------------------------------------------------------------------
+    def model_entry(self, state, stage, epoch, val_auroc) -> dict:
+        """A model checkpoint that training.predict and training.ensemble can use on their own."""
+        return {"model": state, "stage": stage, "epoch": epoch, "val_mean_auroc": val_auroc,
+                "model_name": self.args.model, "dataset_spec": self.spec.to_json()}
+
+    def keep_best_epochs(self, stage, entry) -> None:
+        """Save this epoch's model as epoch_<stage>_<epoch>.pth and keep only the --keep-epochs
+        best of the stage by val mean AUROC (members of a snapshot ensemble)."""
+        checkpoints.save(entry, self.run_dir / f"epoch_{stage}_{entry['epoch']}.pth")
+        saved = sorted(self.run_dir.glob(f"epoch_{stage}_*.pth"),
+                       key=lambda path: checkpoints.load(path)["val_mean_auroc"], reverse=True)
+        for worse in saved[self.args.keep_epochs:]:
+            checkpoints.remove(worse)
+
     def record_epoch(self, stage, epoch, stats, val_auroc) -> None:
         row = {"stage": stage, "epoch": epoch, **stats, "val_mean_auroc": val_auroc}
         path = self.run_dir / "summary.csv"
@@ -253,7 +324,7 @@ class Trainer:
     def report_stage(self, stage, model, best_epoch, wait_fraction) -> None:
         """Evaluate the stage's best model on val and test; rank 0 appends the rows to Delta."""
         args, created = self.args, datetime.now(timezone.utc)
-        rows = []
+        rows, thresholds = [], None
         for split in EVAL_SPLITS:
             if split_row_count(args.dataset, split) == 0:
                 continue
@@ -262,12 +333,22 @@ class Trainer:
                 continue
             metrics = auroc_report(predictions.labels, predictions.scores, predictions.patient_ids,
                                    self.spec.label_names, args.bootstrap, args.seed)
+            if split == "val":  # operating points: chosen on val, applied to val and test, kept for predict
+                thresholds = youden_thresholds(predictions.labels, predictions.scores)
+                if best_epoch:
+                    best = checkpoints.load(self.run_dir / f"best_{stage}.pth")
+                    checkpoints.save({**best, "thresholds": thresholds}, self.run_dir / f"best_{stage}.pth")
+            if thresholds is not None:
+                for metric, at_threshold in zip(metrics, threshold_metrics(predictions.labels, predictions.scores,
+                                                                           thresholds)):
+                    metric.update(at_threshold)
             for metric in metrics:
                 rows.append({
                     "run_id": args.run_id, "created_at": created, "dataset": self.spec.dataset,
                     "image_size": self.spec.image_size, "model": args.model, "stage": stage, "split": split,
                     **metric, "best_epoch": best_epoch, "world_size": self.dist.size, "backend": self.dist.name,
                     "data_wait_fraction": wait_fraction, "run_dir": str(self.run_dir.resolve()),
+                    "model_config": json.dumps({key: getattr(args, key) for key in MODEL_CONFIG}),
                 })
             self.save_predictions(stage, split, predictions)
             roc_curves(predictions.labels, predictions.scores, metrics, self.run_dir / f"roc_{stage}_{split}.png",
@@ -276,8 +357,13 @@ class Trainer:
             log.info("%s best (epoch %d) on %s: mean AUROC %s", stage, best_epoch, split,
                      "n/a" if mean["auroc"] is None
                      else f"{mean['auroc']:.4f} [95% CI {mean['auroc_ci_low']:.4f}, {mean['auroc_ci_high']:.4f}]")
+        if args.predict_train:
+            predictions = self.predict(model, "train")
+            if self.dist.is_main:
+                self.save_predictions(stage, "train", predictions)
         if self.dist.is_main and rows:
             append_results(args.results_table, rows, args.results_engine)
+            self.results_written += len(rows)
             training_curves(self.run_dir / "summary.csv", self.run_dir / "training_curves.png")
 
     def save_predictions(self, stage, split, predictions: Predictions) -> None:
@@ -320,6 +406,8 @@ def main(argv=None) -> None:
             continue
         stage_resume = resume if resume and resume["stage"] == stage else None
         state = trainer.run_stage(stage, state, stage_resume)
+    if dist.is_main and trainer.results_written:
+        log.info("report: %s", write_report(args.results_table, trainer.run_dir / "report.html", args.run_id))
     log.info("run %s done; results in %s", args.run_id, args.results_table)
     dist.shutdown()
 
