@@ -34,7 +34,7 @@ def jobs(bundle):
 
 
 def test_bundle_defines_a_nightly_etl_and_a_weekly_training_job(jobs):
-    assert set(jobs) == {"cxr_etl_nightly", "cxr_train_weekly"}
+    assert set(jobs) == {"cxr_etl_nightly", "cxr_train_weekly", "cxr_chexpert_selftrained"}
     nightly, weekly = jobs["cxr_etl_nightly"].schedule, jobs["cxr_train_weekly"].schedule
     assert nightly.quartz_cron_expression.split()[3:5] == ["*", "*"]  # every day of every month
     assert weekly.quartz_cron_expression.split()[5] in {"SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"}
@@ -61,6 +61,20 @@ def test_training_task_uses_torch_distributor_and_etl_task_is_parameterised(jobs
     (etl,) = jobs["cxr_etl_nightly"].tasks
     parameters = etl.spark_python_task.parameters
     assert parameters[parameters.index("--source") + 1] == "nih" and parameters[parameters.index("--size") + 1] == "224"
+
+
+def test_self_trained_job_chains_first_pass_relabel_second_pass_on_the_same_files(jobs):
+    settings = jobs["cxr_chexpert_selftrained"]
+    first, relabel, second = settings.tasks
+    assert settings.schedule.pause_status.value == "PAUSED"  # on demand
+    assert [d.task_key for d in relabel.depends_on] == ["first_pass"]
+    assert [d.task_key for d in second.depends_on] == ["relabel"]
+    first_args, relabel_args, second_args = (t.spark_python_task.parameters for t in (first, relabel, second))
+    assert "--predict-train" in first_args and relabel.spark_python_task.python_file.endswith("etl/uncertainty.py")
+    run_dir = f"{first_args[first_args.index('--output-dir') + 1]}/{first_args[first_args.index('--run-id') + 1]}"
+    assert relabel_args[relabel_args.index("--predictions") + 1] == f"{run_dir}/predictions_finetune_train.csv"
+    assert relabel_args[relabel_args.index("--dataset") + 1] == first_args[first_args.index("--dataset") + 1]
+    assert second_args[second_args.index("--dataset") + 1] == relabel_args[relabel_args.index("--output") + 1]
 
 
 def strings(node):

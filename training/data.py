@@ -92,7 +92,8 @@ class SplitReader:
 
     def __init__(self, dataset_dir, split: str, spec: DatasetSpec, batch_size: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                 shuffle_rows: int = 256, pool: str = "dummy", workers: int = 2, with_metadata: bool = False):
+                 shuffle_rows: int = 256, pool: str = "dummy", workers: int = 2, with_metadata: bool = False,
+                 oversampler=None):
         # Not Path.as_uri(): it escapes the "=" of "split=train", which Petastorm then cannot find.
         self.url = "file://" + str(split_dir(dataset_dir, split).resolve())
         self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
@@ -101,6 +102,7 @@ class SplitReader:
         self.columns = [spec.pixel_column, "labels", "image_id", "patient_id"]
         self.columns += [LABEL_MASK_COLUMN] if spec.has_mask else []
         self.columns += list(METADATA_COLUMNS) if with_metadata else []
+        self.oversampler = oversampler  # training.sampling.Oversampler: rows of rare classes repeated
 
     def _row_groups(self):
         from petastorm import make_batch_reader
@@ -132,8 +134,11 @@ class SplitReader:
                 group = next(groups, None)
                 if group is None:
                     exhausted = True
-                else:
-                    pool = group if pool is None else {c: np.concatenate([pool[c], group[c]]) for c in self.columns}
+                    continue
+                if self.oversampler is not None:
+                    copies = self.oversampler.repeats(np.stack(group["labels"]), rng)
+                    group = {column: np.repeat(values, copies, axis=0) for column, values in group.items()}
+                pool = group if pool is None else {c: np.concatenate([pool[c], group[c]]) for c in self.columns}
             rows = 0 if pool is None else len(pool["labels"])
             if rows == 0 or (rows < self.batch_size and (self.drop_last or not exhausted)):
                 return

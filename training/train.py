@@ -38,6 +38,7 @@ from training.models import (MODELS, build_model, head_name, in_head, metadata_f
 from training.plots import roc_curves, training_curves
 from training.report import write_report
 from training.results import ENGINES, append_results
+from training.sampling import Oversampler
 from training.schedules import OPTIMIZERS, SCHEDULES, LearningRate, build_optimizer
 from training.targets import LOSSES, LabelLayout, LabelLoss, positive_weights
 
@@ -46,7 +47,7 @@ STAGES = ("kt", "finetune")
 EVAL_SPLITS = ("val", "test")
 # The options that make a model what it is, kept with each result row to compare runs.
 MODEL_CONFIG = ("model", "weights", "stages", "epochs_kt", "epochs_finetune", "lr_kt", "lr_finetune", "optimizer",
-                "schedule", "batch_size", "loss", "augment", "seed")
+                "schedule", "batch_size", "loss", "oversample", "augment", "seed")
 
 
 @dataclass
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "negatives/positives of the train split (pos-weighted, default), or with the "
                                "per-batch weights of ChestX-ray8 (batch-weighted); masked labels never count and "
                                "U-MultiClass labels always use a three-way cross-entropy")
+    schedule.add_argument("--oversample", type=float, default=0.0,
+                          help="instead of weighting: repeat rows of each class with fewer rows than this "
+                               "fraction of the most common class, up to that count (1 balances a binary task), "
+                               "seeded; use with --loss bce (training/sampling.py; default 0: off)")
     schedule.add_argument("--max-steps-per-epoch", type=int, default=0, help="stop epochs early (0: full pass)")
     schedule.add_argument("--bootstrap", type=int, default=1000,
                           help="patient-level bootstrap resamples for the 95%% CI of each AUROC (default 1000)")
@@ -134,14 +139,19 @@ class Trainer:
                              "with a smaller --rows-per-file so every rank gets data")
         self.layout = LabelLayout(self.spec)
         self.fused = uses_metadata(args.model)
-        weight = positive_weights(*label_table(args.dataset, "train", self.spec), self.layout)
+        train_labels, train_mask = label_table(args.dataset, "train", self.spec)
+        weight = positive_weights(train_labels, train_mask, self.layout)
+        try:
+            self.oversampler = (Oversampler(train_labels, train_mask, self.layout.binary, args.oversample)
+                                if args.oversample else None)
+            self.augmentation = Augmentation.parse(args.augment)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"--oversample / --augment: {exc}") from None
+        self.train_rows_per_epoch = (int(self.oversampler.row_factors(train_labels).sum()) if self.oversampler
+                                     else len(train_labels))
         self.loss_fn = LabelLoss(self.layout, args.loss, weight if args.loss == "pos-weighted" else None).to(self.device)
         self.run_dir = Path(args.output_dir) / args.run_id
         self.results_written = 0  # Delta rows this process appended (rank 0)
-        try:
-            self.augmentation = Augmentation.parse(args.augment)
-        except (TypeError, ValueError) as exc:
-            raise SystemExit(f"--augment: {exc}") from None
 
     # ---- one stage -------------------------------------------------------------------------
     def make_stage(self, stage: str, init_state: dict | None):
@@ -180,9 +190,9 @@ class Trainer:
                     module.training = False
         reader = SplitReader(args.dataset, "train", self.spec, args.batch_size, dist.rank, dist.size, shuffle=True,
                              seed=args.seed * 1000 + epoch, drop_last=True, pool=args.reader_pool,
-                             workers=args.reader_workers, with_metadata=self.fused)
+                             workers=args.reader_workers, with_metadata=self.fused, oversampler=self.oversampler)
         batches = contextlib.closing(prefetch(reader))
-        expected = split_row_count(args.dataset, "train") // (args.batch_size * dist.size)
+        expected = self.train_rows_per_epoch // (args.batch_size * dist.size)
         bar = tqdm(total=expected, desc=f"{stage} epoch {epoch}", disable=not dist.is_main, leave=False)
         losses, steps, images_seen, wait = [], 0, 0, 0.0
         generator = batch_generator(args.seed, 1000 * STAGES.index(stage) + epoch, dist.rank)
