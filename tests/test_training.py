@@ -159,6 +159,10 @@ def test_ensemble_of_the_best_epochs_averages_members_and_scores_like_a_model(ni
     assert ((averaged - (epochs[0] + epochs[1] + best) / 3).abs().to_numpy().max()) < 1e-5
     rows = read_results(str(tmp_path / "results")).query("model == 'ensemble'")
     assert len(rows) == len(LABEL_NAMES) + 1 and rows.set_index("label").loc["mean", "auroc"] == report[-1]["auroc"]
+    from training.report import main as write_report  # the ensemble is the table's latest run
+
+    page = write_report(["--table", str(tmp_path / "results")]).read_text()
+    assert "ensemble &mdash; test" in page and rows["run_id"].iloc[0] in page
 
     other = tmp_path / "other.csv"
     best.iloc[:-1].reset_index().to_csv(other, index=False)

@@ -83,8 +83,10 @@ def render(results: pd.DataFrame, run_id: str | None = None) -> str:
                  "threshold chosen on validation (Youden's J).</p>")
     for (stage, split), rows in run.groupby(["stage", "split"], sort=False):
         present = [column for column in DETAIL_COLUMNS if column in rows and rows[column].notna().any()]
-        parts.append(f"<h2>{html.escape(stage)} &mdash; {html.escape(split)} (best epoch {int(rows['best_epoch'].iloc[0])})"
-                     f"</h2>{number_table(rows[present])}")
+        epoch = rows["best_epoch"].iloc[0]
+        title = f"{html.escape(stage)} &mdash; {html.escape(split)}"
+        title += "" if pd.isna(epoch) else f" (best epoch {int(epoch)})"  # ensembles have none
+        parts.append(f"<h2>{title}</h2>{number_table(rows[present])}")
     figures = sorted(run_dir.glob("roc_*.png")) + sorted(run_dir.glob("training_curves.png"))
     if figures:
         parts.append("<h2>Figures</h2>" + "".join(image_tag(path) for path in figures))
