@@ -1,5 +1,6 @@
 """train.py end to end on the real NIH partitions: one process, torchrun and horovodrun, Delta rows."""
 import importlib.util
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -7,7 +8,7 @@ import pytest
 import torch
 from deltalake import DeltaTable
 
-from conftest import BIN, NIH, run_cli
+from conftest import BIN, NIH, ROOT, run_cli
 from etl.sources.nih import LABEL_NAMES
 from training.results import read_results
 
@@ -115,17 +116,29 @@ def test_resume_continues_from_the_checkpoint(nih_dataset, tmp_path):
     assert torch.load(run_dir / "checkpoint.pth", weights_only=True)["epoch"] == 2
 
 
-def test_torchrun_two_ranks_gloo(nih_dataset, tmp_path):
-    run_cli(BIN / "torchrun", "--nproc_per_node", 2, "--master_port", 29531, *train_args(nih_dataset, tmp_path))
+def test_torchrun_two_ranks_gloo_with_bf16_and_channels_last(nih_dataset, tmp_path):
+    """The default DDP path is covered by the TorchDistributor test below; this one runs the GPU switches."""
+    run_cli(BIN / "torchrun", "--nproc_per_node", 2, "--master_port", 29531,
+            *train_args(nih_dataset, tmp_path, "--amp", "bf16", "--channels-last"))
     check_run(tmp_path, 2, "torch")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("horovod") is None,
                     reason="horovod is not installed: run `make install` (builds it, see install/horovod)")
-def test_horovodrun_two_ranks_gloo(nih_dataset, tmp_path):
-    out = run_cli(BIN / "horovodrun", "-np", 2, "-H", "localhost:2", BIN / "python", *train_args(nih_dataset, tmp_path))
-    results, _ = check_run(tmp_path, 2, "horovod")
+def test_horovodrun_two_ranks_gloo_with_the_fp16_scaler(nih_dataset, tmp_path):
+    """Plain Horovod training is covered by tests/test_faults.py; this run takes the AMP path, where the
+    gradient scaler must unscale gradients already averaged across ranks (synchronize, then step)."""
+    out = run_cli(BIN / "horovodrun", "-np", 2, "-H", "localhost:2", BIN / "python",
+                  *train_args(nih_dataset, tmp_path, "--amp", "fp16"))
+    _, run_dir = check_run(tmp_path, 2, "horovod")
     assert "2 horovod rank(s)" in out.stdout + out.stderr
+    scaler = torch.load(run_dir / "checkpoint.pth", weights_only=True)["grad_scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] > 0  # steps went through the scaler
+
+    refused = subprocess.run([str(BIN / "horovodrun"), "-np", "1", "-H", "localhost:1", str(BIN / "python"),
+                              *map(str, train_args(nih_dataset, tmp_path / "cl", "--channels-last"))],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "horovod/horovod#3491" in refused.stdout + refused.stderr
 
 
 def test_torch_distributor_local_mode_runs_the_same_training(nih_dataset, tmp_path):

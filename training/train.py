@@ -36,6 +36,7 @@ from training.metrics import auroc_report, mean_auroc, per_label_auroc, threshol
 from training.models import (MODELS, build_model, head_name, in_head, metadata_features, set_backbone_trainable,
                              uses_metadata)
 from training.plots import roc_curves, training_curves
+from training.precision import AMP_MODES, Precision
 from training.report import write_report
 from training.results import ENGINES, append_results
 from training.sampling import Oversampler
@@ -47,7 +48,7 @@ STAGES = ("kt", "finetune")
 EVAL_SPLITS = ("val", "test")
 # The options that make a model what it is, kept with each result row to compare runs.
 MODEL_CONFIG = ("model", "weights", "stages", "epochs_kt", "epochs_finetune", "lr_kt", "lr_finetune", "optimizer",
-                "schedule", "batch_size", "loss", "oversample", "augment", "seed")
+                "schedule", "batch_size", "loss", "oversample", "augment", "amp", "seed")
 
 
 @dataclass
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--backend", default="auto", choices=["auto", "horovod", "torch", "single"],
                          help="auto: horovod under horovodrun, torch under torchrun, else single")
     runtime.add_argument("--seed", type=int, default=0)
+    runtime.add_argument("--amp", choices=AMP_MODES, default="off",
+                         help="mixed precision: bf16 or fp16 (with a gradient scaler) autocast of the forward pass; "
+                              "for GPUs (tensor cores), off by default (training/precision.py)")
+    runtime.add_argument("--channels-last", action="store_true",
+                         help="keep model and images in channels-last memory layout (faster convolutions on GPUs)")
     runtime.add_argument("--reader-pool", choices=["dummy", "thread", "process"], default="dummy",
                          help="Petastorm reader pool; dummy (default) reads in a prefetch thread. Petastorm "
                               "0.13.1's thread pool dropped row groups in tests here")
@@ -133,6 +139,7 @@ class Trainer:
         self.args, self.dist = args, dist
         self.spec = read_dataset_spec(args.dataset)
         self.device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.precision = Precision(args.amp, args.channels_last, self.device)
         groups = split_row_groups(args.dataset, "train")
         if groups < dist.size:
             raise SystemExit(f"the train split has {groups} row groups but {dist.size} ranks; rerun the ETL "
@@ -163,7 +170,7 @@ class Trainer:
         if init_state is not None:
             model.load_state_dict(init_state)
         set_backbone_trainable(model, args.model, trainable=(stage != "kt"))
-        model.to(self.device)
+        self.precision.prepare_model(model.to(self.device))
         lr = getattr(args, f"lr_{stage}") * self.dist.size  # linear scaling rule
         optimizer = build_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], lr,
                                     args.momentum, args.weight_decay)
@@ -209,15 +216,16 @@ class Trainer:
                 if self.augmentation is not None:
                     images = self.augmentation(images, generator)
                 optimizer.zero_grad()
-                loss = self.loss_fn(forward(images, *self.extra_inputs(batch)), labels, batch.mask.to(self.device))
+                with self.precision.autocast():
+                    logits = forward(self.precision.prepare_images(images), *self.extra_inputs(batch))
+                loss = self.loss_fn(logits.float(), labels, batch.mask.to(self.device))
                 if dist.allreduce_min(int(torch.isfinite(loss).item())) == 0:
                     raise SystemExit(
                         f"{stage} epoch {epoch} step {steps + 1}: the loss is not finite on some rank "
                         f"(here {loss.item()}); stopped before updating the weights. The last good checkpoint is "
                         f"{self.run_dir / 'checkpoint.pth'}: lower the learning rate or check the inputs, then "
                         "continue with --resume")
-                loss.backward()
-                optimizer.step()
+                self.precision.backward_and_step(loss, optimizer)
                 scheduler.step()
                 losses.append(loss.item())
                 steps += 1
@@ -246,8 +254,9 @@ class Trainer:
                              with_metadata=self.fused)
         image_ids, patient_ids, scores, labels = [], [], [], []
         for batch in prefetch(reader):
-            logits = model(batch.images.to(self.device), *self.extra_inputs(batch))
-            scores.append(self.layout.probabilities(logits).cpu().numpy())
+            with self.precision.autocast():
+                logits = model(self.precision.prepare_images(batch.images.to(self.device)), *self.extra_inputs(batch))
+            scores.append(self.layout.probabilities(logits.float()).cpu().numpy())
             labels.append(self.layout.truth(batch.labels.numpy(), batch.mask.numpy()))
             image_ids.extend(batch.image_ids)
             patient_ids.extend(batch.patient_ids)
@@ -272,6 +281,7 @@ class Trainer:
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
+            self.precision.load_state_dict(resume.get("grad_scaler"))
             first_epoch, best_auroc, best_epoch = resume["epoch"] + 1, resume["best_auroc"], resume["best_epoch"]
             best_state = checkpoints.load(self.run_dir / f"best_{stage}.pth")["model"]
             torch.set_rng_state(resume["torch_rng"])
@@ -298,7 +308,8 @@ class Trainer:
                 if args.keep_epochs and val_auroc is not None:
                     self.keep_best_epochs(stage, self.model_entry(model.state_dict(), stage, epoch, val_auroc))
                 checkpoints.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                                  "scheduler": scheduler.state_dict(), "grad_scaler": self.precision.state_dict(),
+                                  "torch_rng": torch.get_rng_state(),
                                   "stage": stage, "epoch": epoch, "best_auroc": best_auroc,
                                   "best_epoch": best_epoch, "run_id": args.run_id},
                                  self.run_dir / "checkpoint.pth")
@@ -393,6 +404,10 @@ def main(argv=None) -> None:
     logging.getLogger("petastorm").setLevel(logging.WARNING)  # per-reader schema notes
     if not args.dataset:
         raise SystemExit("missing --dataset (the ETL's --output folder), or set it in --config")
+    if args.channels_last and dist.name == "horovod":
+        raise SystemExit("--channels-last does not work under Horovod 0.28.1: its broadcasts and allreduces need "
+                         "tensors in the default layout (horovod/horovod#3491, open). Launch with torchrun (DDP "
+                         "supports channels-last) or leave the switch off; --amp works with both")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not stages or set(stages) - set(STAGES):
         raise SystemExit(f"--stages must list stages from {STAGES}, got {args.stages!r}")

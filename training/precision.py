@@ -1,0 +1,63 @@
+"""Mixed precision and memory layout for training: `--amp` and `--channels-last`.
+
+One object owns the three things these switches touch, so the training loop has no
+branches for them: the autocast context around the forward pass, the gradient scaler (fp16
+only: bf16 has fp32's exponent range and needs none) and the channels-last layout of model
+and inputs (what tensor cores want for convolutions on GPUs).
+
+Under Horovod the scaler must see gradients that are already averaged across ranks, so the
+step runs `optimizer.synchronize()` before unscaling and then steps without a second
+synchronisation, as Horovod's documentation prescribes for `torch.amp`.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+AMP_MODES = ("off", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, amp: str, channels_last: bool, device: torch.device):
+        if amp not in AMP_MODES:
+            raise ValueError(f"--amp must be one of {AMP_MODES}, got {amp!r}")
+        self.amp, self.channels_last, self.device = amp, channels_last, device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def autocast(self):
+        """The forward pass's context: autocast to the chosen dtype, or nothing."""
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.amp])
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer) -> None:
+        """loss.backward() and optimizer.step(), through the scaler when there is one."""
+        if not self.scaler.is_enabled():
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        synchronize = getattr(optimizer, "synchronize", None)  # Horovod's DistributedOptimizer
+        if synchronize is None:
+            self.scaler.step(optimizer)
+        else:
+            synchronize()
+            self.scaler.unscale_(optimizer)
+            with optimizer.skip_synchronize():
+                self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.scaler.load_state_dict(state)
