@@ -5,9 +5,9 @@ branches for them: the autocast context around the forward pass, the gradient sc
 only: bf16 has fp32's exponent range and needs none) and the channels-last layout of model
 and inputs (what tensor cores want for convolutions on GPUs).
 
-Under Horovod the scaler must see gradients that are already averaged across ranks, so the
-step runs `optimizer.synchronize()` before unscaling and then steps without a second
-synchronisation, as Horovod's documentation prescribes for `torch.amp`.
+Under Horovod the scaler must see gradients that are already averaged across ranks (else
+ranks could disagree on whether a step overflowed), so the step runs
+`optimizer.synchronize()` before unscaling and then steps without a second synchronisation.
 """
 from __future__ import annotations
 
