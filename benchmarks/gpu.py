@@ -44,12 +44,9 @@ def training_rate(model, precision: Precision, batches, steps: int, warmup: int,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
-        images = precision.prepare_images(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            logits = model(images)
-        precision.backward_and_step(loss_fn(logits.float(), labels), optimizer)
+        precision.backward_and_step(loss_fn(precision.forward(model, images), labels), optimizer)
         images_seen += len(images) if step >= warmup else 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)

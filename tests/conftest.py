@@ -28,12 +28,13 @@ def require(path: Path) -> Path:
     return path
 
 
-def run_cli(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
-    """Run a project command line as a user would; fail the test with its output on error."""
+def run_cli(*args, timeout=600, env=None, check=True) -> subprocess.CompletedProcess:
+    """Run a project command line as a user would; fail the test with its output on error
+    (check=False: return the result of a run that is meant to fail)."""
     environment = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
     result = subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                             env=environment)
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
                     f"\n--- stderr\n{result.stderr[-6000:]}")
     return result

@@ -19,6 +19,7 @@ def test_forward_runs_in_the_chosen_dtype_and_parameters_stay_float32(amp, dtype
     with precision.autocast():
         logits = model(torch.randn(2, 3, 32, 32))
     assert logits.dtype == dtype
+    assert precision.forward(model, torch.randn(2, 3, 32, 32)).dtype == torch.float32  # what losses get
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert precision.scaler.is_enabled() == (amp == "fp16")  # bf16 needs no loss scaling
 

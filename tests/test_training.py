@@ -1,6 +1,5 @@
 """train.py end to end on the real NIH partitions: one process, torchrun and horovodrun, Delta rows."""
 import importlib.util
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -8,7 +7,7 @@ import pytest
 import torch
 from deltalake import DeltaTable
 
-from conftest import BIN, NIH, ROOT, run_cli
+from conftest import BIN, NIH, run_cli
 from etl.sources.nih import LABEL_NAMES
 from training.results import read_results
 
@@ -135,9 +134,8 @@ def test_horovodrun_two_ranks_gloo_with_the_fp16_scaler(nih_dataset, tmp_path):
     scaler = torch.load(run_dir / "checkpoint.pth", weights_only=True)["grad_scaler"]
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] > 0  # steps went through the scaler
 
-    refused = subprocess.run([str(BIN / "horovodrun"), "-np", "1", "-H", "localhost:1", str(BIN / "python"),
-                              *map(str, train_args(nih_dataset, tmp_path / "cl", "--channels-last"))],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    refused = run_cli(BIN / "horovodrun", "-np", 1, "-H", "localhost:1", BIN / "python",
+                      *train_args(nih_dataset, tmp_path / "cl", "--channels-last"), timeout=300, check=False)
     assert refused.returncode != 0 and "horovod/horovod#3491" in refused.stdout + refused.stderr
 
 

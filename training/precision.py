@@ -38,6 +38,12 @@ class Precision:
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
+    def forward(self, model, images: torch.Tensor, *inputs) -> torch.Tensor:
+        """`model(images, *inputs)` in the chosen layout and precision; float32 logits, so losses
+        and probabilities are computed at full precision."""
+        with self.autocast():
+            return model(self.prepare_images(images), *inputs).float()
+
     def backward_and_step(self, loss: torch.Tensor, optimizer) -> None:
         """loss.backward() and optimizer.step(), through the scaler when there is one."""
         if not self.scaler.is_enabled():

@@ -216,9 +216,8 @@ class Trainer:
                 if self.augmentation is not None:
                     images = self.augmentation(images, generator)
                 optimizer.zero_grad()
-                with self.precision.autocast():
-                    logits = forward(self.precision.prepare_images(images), *self.extra_inputs(batch))
-                loss = self.loss_fn(logits.float(), labels, batch.mask.to(self.device))
+                logits = self.precision.forward(forward, images, *self.extra_inputs(batch))
+                loss = self.loss_fn(logits, labels, batch.mask.to(self.device))
                 if dist.allreduce_min(int(torch.isfinite(loss).item())) == 0:
                     raise SystemExit(
                         f"{stage} epoch {epoch} step {steps + 1}: the loss is not finite on some rank "
@@ -254,9 +253,8 @@ class Trainer:
                              with_metadata=self.fused)
         image_ids, patient_ids, scores, labels = [], [], [], []
         for batch in prefetch(reader):
-            with self.precision.autocast():
-                logits = model(self.precision.prepare_images(batch.images.to(self.device)), *self.extra_inputs(batch))
-            scores.append(self.layout.probabilities(logits.float()).cpu().numpy())
+            logits = self.precision.forward(model, batch.images.to(self.device), *self.extra_inputs(batch))
+            scores.append(self.layout.probabilities(logits).cpu().numpy())
             labels.append(self.layout.truth(batch.labels.numpy(), batch.mask.numpy()))
             image_ids.extend(batch.image_ids)
             patient_ids.extend(batch.patient_ids)
