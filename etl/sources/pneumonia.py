@@ -4,10 +4,16 @@ The patient id is in the file name: `person1000_bacteria_2931.jpeg` -> `person10
 `IM-0011-0001-0002.jpeg` -> `IM-0011`, `NORMAL2-IM-0007-0001.jpeg` -> `NORMAL2-IM-0007`.
 The `test` folder is the official test split; `train` and the tiny `val` folder are
 divided into train/val by patient.
+
+The download numbers patients per folder: `test/PNEUMONIA/person1_virus_6.jpeg` is another
+child than the `person1` of `train/` (`val/` was carved from train and shares its numbering).
+So patient ids are namespaced by that numbering, `train/person1` and `test/person1`, and no
+official test image ever collides with a training patient.
 """
 from __future__ import annotations
 
 import re
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -18,8 +24,11 @@ DATASET = "pneumonia"
 LABEL_NAMES = ("Pneumonia",)
 CLASS_FOLDERS = {"NORMAL": 0.0, "PNEUMONIA": 1.0}
 OFFICIAL_FOLDERS = {"train": "train_val", "val": "train_val", "test": "test"}
+# The folders that share one patient numbering, and the prefix of their namespaced ids.
+PATIENT_NAMESPACES = {"train": "train", "val": "train", "test": "test"}
 PATIENT_PATTERN = re.compile(r"^(person\d+)_|^((?:NORMAL2-)?IM-\d+)-")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+log = logging.getLogger("etl")
 
 
 def patient_id_from_name(name: str) -> str | None:
@@ -52,10 +61,20 @@ def build_manifest(data_root: str | Path) -> Manifest:
                             "detail": f"file name {path.name!r} does not match {PATIENT_PATTERN.pattern}"})
             continue
         records.append({
-            "image_id": relative, "patient_id": patient, "source_path": relative, "source_row": source_row,
+            "image_id": relative, "patient_id": f"{PATIENT_NAMESPACES[folder]}/{patient}", "source_path": relative,
+            "source_row": source_row,
             "labels": [CLASS_FOLDERS[label_folder]], "age": None, "sex": None, "view_position": None,
             # Without an official test folder, the seeded split makes all three splits.
             "official_split": OFFICIAL_FOLDERS[folder] if has_test else None,
         })
     rows = pd.DataFrame(records, columns=MANIFEST_COLUMNS).astype({"age": "Int32"})
+    log.info("pneumonia: %d patient ids namespaced by folder numbering (%s); %d bare ids occur in more than one "
+             "numbering and are different children", rows["patient_id"].nunique(),
+             ", ".join(sorted(set(PATIENT_NAMESPACES.values()))), colliding_ids(rows["patient_id"]))
     return Manifest(DATASET, LABEL_NAMES, rows, rejects_frame(rejects))
+
+
+def colliding_ids(namespaced: pd.Series) -> int:
+    """Bare patient ids that occur under more than one namespace ('train/person1', 'test/person1')."""
+    parts = namespaced.drop_duplicates().str.split("/", n=1)
+    return int(parts.str[0].groupby(parts.str[1].values).nunique().gt(1).sum())
