@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from etl.config import dump_config, parse_args
+from etl.hold_points import hold_at
 from etl.images import ImageError, decode_resize, normalise
 from etl.schema import FOLD_COLUMN, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, metadata_columns, split_dir
 from etl.sources import SOURCES, get_source, manifest_options, side_tables
@@ -299,6 +300,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, table in extra_tables.items():  # e.g. NIH bounding boxes, for localisation checks
             (staging / "_side").mkdir(exist_ok=True)
             pq.write_table(pa.Table.from_pandas(table, preserve_index=False), staging / "_side" / f"{name}.parquet")
+        hold_at("etl:before-commit")  # fault tests: killed here, nothing may appear at OUTPUT
         commit(staging, output, args.overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

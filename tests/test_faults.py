@@ -15,6 +15,7 @@ import torch
 
 from conftest import BIN, NIH, ROOT, require, run_cli, spark_etl
 from test_training import train_args
+from etl.hold_points import VARIABLE
 from training import checkpoints
 from training.results import append_results, read_results
 
@@ -69,6 +70,19 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
     assert sha256(good) == before
 
 
+def wait_for(marker, process, timeout=600):
+    """Block until `process` reaches its hold point (it creates `marker`); the timeout only
+    guards against a hang, the test acts on the event itself."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the job exited ({process.returncode}) before reaching its hold point")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the job did not reach its hold point within {timeout} s")
+        time.sleep(0.05)
+
+
 def rank_pid(parent: int, rank: int) -> int | None:
     """PID of the training process of `rank` among the descendants of `parent`."""
     for pid in os.listdir("/proc"):
@@ -92,23 +106,18 @@ def test_rank_killed_mid_run_then_resumed_ends_like_an_uninterrupted_run(nih_dat
     baseline = read_results(str(tmp_path / "a" / "results"))
 
     args = [str(a) for a in command + train_args(nih_dataset, tmp_path / "b", *extra)]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    marker = tmp_path / "held"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", VARIABLE: f"train:finetune:1@{marker}"}
     launcher = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    summary = None
-    while time.time() < deadline and launcher.poll() is None:
-        found = list((tmp_path / "b" / "runs").glob("*/summary.csv"))
-        if found and "finetune,1," in found[0].read_text():
-            summary = found[0]
-            break
-        time.sleep(0.05)
+    wait_for(marker, launcher)  # rank 0 has saved epoch 1 and holds; rank 1 waits for it in a collective
     victim = rank_pid(launcher.pid, 1)
-    assert summary is not None and victim is not None, launcher.communicate()[0][-3000:]
+    assert victim is not None, "rank 1 not found"
     os.kill(victim, signal.SIGKILL)
+    marker.unlink()  # let rank 0 go on: its next collective meets the dead rank
     output = launcher.communicate(timeout=300)[0].decode(errors="replace")
     assert launcher.returncode != 0, output[-3000:]
-    interrupted_at = checkpoints.load(summary.parent / "checkpoint.pth")["epoch"]
-    assert interrupted_at < 4
+    (summary,) = (tmp_path / "b" / "runs").glob("*/summary.csv")
+    assert checkpoints.load(summary.parent / "checkpoint.pth")["epoch"] == 1
 
     run_cli(*command, *train_args(nih_dataset, tmp_path / "b", *extra, "--resume", summary.parent / "checkpoint.pth"))
     resumed = read_results(str(tmp_path / "b" / "results"))
@@ -138,16 +147,16 @@ def test_etl_rerun_gives_identical_content(nih_dataset, tmp_path):
 def test_etl_killed_half_way_leaves_no_partial_output(tmp_path):
     require(NIH / "images")
     output = tmp_path / "out"
-    args = [BIN / "spark-submit", "--master", "local[1]", "etl/preprocess.py", "--source", "nih",
+    args = [BIN / "spark-submit", "--master", "local[2]", "etl/preprocess.py", "--source", "nih",
             "--data-root", NIH, "--labels-csv", NIH / "Data_Entry_sample.csv", "--output", output, "--size", 512]
+    marker = tmp_path / "held"
     job = subprocess.Popen([str(a) for a in args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob("out.tmp-*/split=*")):
-        time.sleep(0.1)  # wait until Spark has started writing
+                           start_new_session=True, env={**os.environ, VARIABLE: f"etl:before-commit@{marker}"})
+    wait_for(marker, job)  # every file is written to the staging folder; the rename has not happened
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    assert list(tmp_path.glob("out.tmp-*")), "the job was killed before it wrote anything: test inconclusive"
+    (staging,) = tmp_path.glob("out.tmp-*")
+    assert list(staging.glob("split=*/*.parquet")) and (staging / "_etl_summary.json").exists()
     assert not output.exists()
 
 

@@ -56,7 +56,8 @@ def demo_run(tmp_path_factory):
 
 def test_heatmap_peak_falls_on_the_known_lesion_zone(demo_run):
     root, checkpoint = demo_run
-    model, name, spec, _, _ = predict.load(str(checkpoint))
+    scorer = predict.load(str(checkpoint))
+    model, name, spec = scorer.model, scorer.model_name, scorer.spec
     table = pd.read_csv(root / "nih" / "Data_Entry_2017.csv")
     single = table[~table["Finding Labels"].str.contains(r"\|") & (table["Finding Labels"] != "No Finding")][:60]
     centres, radius = zone_centres(spec.image_size), spec.image_size * 0.08
@@ -78,7 +79,7 @@ def test_predict_prints_decisions_writes_overlays_and_skips_bad_files(demo_run, 
     (tmp_path / "broken.png").write_bytes(b"not a png")
     out = run_cli(BIN / "python", "-m", "training.predict", "--checkpoint", checkpoint, images / "00000003_000.png",
                   tmp_path / "broken.png", "--overlay-dir", tmp_path / "overlays", "--label", "Effusion").stdout
-    assert "broken.png: skipped, not_an_image" in out
+    assert f"{tmp_path / 'broken.png'}\n  skipped: not_an_image" in out
     assert "Effusion" in out and ("POSITIVE" in out or "negative" in out) and "threshold" in out
     assert (tmp_path / "overlays" / "00000003_000_Effusion.png").exists()
 

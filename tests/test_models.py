@@ -18,6 +18,7 @@ KT_TRAINS = {
     "densenet121_attA": ["attention", "classifier"],
     "densenet121_attB": ["attention", "classifier"],
     "resnet18": ["fc"],
+    "resnet18_half": ["fc"],
     "resnet50": ["fc"],
     "small_cnn": ["classifier"],
     "vgg16_partial": VGG16_UPPER_CONVS + ["classifier"],

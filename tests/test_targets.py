@@ -8,7 +8,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from etl.schema import DatasetSpec
-from training.metrics import bootstrap_auroc_ci, per_label_auroc, youden_thresholds
+from training.metrics import bootstrap_auroc_ci, per_label_auroc
+from training.operating_points import Policy, choose_thresholds
 from training.targets import LabelLayout, LabelLoss, positive_weights
 
 NAMES = ("Atelectasis", "Cardiomegaly", "Edema")
@@ -91,4 +92,4 @@ def test_truth_is_unknown_where_masked_or_uncertain_and_metrics_skip_it():
         assert row["auroc"] == pytest.approx(roc_auc_score(truth[known, index], scores[known, index]))
     low, high = bootstrap_auroc_ci(truth, scores, [f"p{i}" for i in range(6)], n_resamples=200)
     assert np.isfinite(low[:3]).all() and (low <= high).all()
-    assert all(threshold is not None for threshold in youden_thresholds(truth, scores))
+    assert all(threshold is not None for threshold in choose_thresholds(truth, scores, [Policy('youden')])['youden'])

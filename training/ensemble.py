@@ -36,18 +36,20 @@ from training.results import ENGINES, append_results
 
 @torch.no_grad()
 def score_checkpoint(path: Path, dataset: Path, split: str, spec: DatasetSpec, batch_size: int) -> pd.DataFrame:
-    """Probabilities of a train.py checkpoint on a split, one row per image_id."""
-    model, model_name, trained_on, layout, _ = predict.load(str(path))
+    """Probabilities of a train.py checkpoint on a split (calibrated where the checkpoint carries a
+    calibration), one row per image_id."""
+    scorer = predict.load(str(path))
+    trained_on = scorer.spec
     if trained_on.label_names != spec.label_names or trained_on.label_policies != spec.label_policies:
         raise SystemExit(f"{path} was trained on labels {list(trained_on.label_names)}, not those of {dataset}")
     if trained_on.image_size != spec.image_size:
         raise SystemExit(f"{path} was trained at {trained_on.image_size} px, {dataset} is {spec.image_size} px: score "
                          "it on its own dataset (its predictions CSV) and pass that file instead")
-    fused = uses_metadata(model_name)
+    fused = uses_metadata(scorer.model_name)
     frames = []
     for batch in SplitReader(dataset, split, spec, batch_size, with_metadata=fused):
         extra = (metadata_features(*(batch.metadata[c] for c in METADATA_COLUMNS)),) if fused else ()
-        probabilities = layout.probabilities(model(batch.images, *extra)).numpy()
+        probabilities = scorer.probabilities(batch.images, extra)
         frames.append(pd.DataFrame(probabilities, columns=list(spec.label_names), index=batch.image_ids))
     return pd.concat(frames).rename_axis("image_id")
 
@@ -95,18 +97,19 @@ def main(argv=None) -> list[dict]:
     spec = read_dataset_spec(dataset)
     frames = [member_predictions(m, dataset, args.split, spec, args.batch_size) for m in args.members]
     averaged = average(frames, args.members)
-    report, labels, scores, joined = score(averaged.reset_index(), dataset, args.split, args.bootstrap, args.seed)
-    print_report(f"ensemble of {len(frames)} on {dataset} {args.split}", report, joined)
+    report, aligned = score(averaged.reset_index(), dataset, args.split, args.bootstrap, args.seed)
+    print_report(f"ensemble of {len(frames)} on {dataset} {args.split}", report, aligned)
     for name, frame in zip(args.members, frames):
-        member_mean = mean_auroc(per_label_auroc(labels, frame.loc[joined.index].to_numpy(), spec.label_names))
+        member_mean = mean_auroc(per_label_auroc(aligned.truth, frame.loc[aligned.image_ids].to_numpy(),
+                                                 spec.label_names))
         print(f"  member {name}: mean AUROC {'n/a' if member_mean is None else f'{member_mean:.4f}'}")
 
     run_id = datetime.now(timezone.utc).strftime("ensemble-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     output = Path(args.output_dir or Path("outputs/ensembles") / run_id)
     output.mkdir(parents=True, exist_ok=True)
     averaged.to_csv(output / f"predictions_ensemble_{args.split}.csv", float_format="%.6f")
-    roc_curves(labels, scores, report, output / f"roc_ensemble_{args.split}.png",
-               f"ensemble of {len(frames)}, {args.split}: {len(joined)} images")
+    roc_curves(aligned.truth, aligned.scores, report, output / f"roc_ensemble_{args.split}.png",
+               f"ensemble of {len(frames)}, {args.split}: {len(aligned.image_ids)} images")
     if args.results_table:
         created = datetime.now(timezone.utc)
         append_results(args.results_table, [{

@@ -1,14 +1,25 @@
-"""Score a predictions file against the labels of a dataset split, as train.py scores itself.
+"""Score predictions against truth: per-label AUROC with patient-level bootstrap CIs, ROC and
+reliability plots, an HTML page and, on request, Delta rows. No ETL needed.
 
+    # any tool's predictions against the labels file of the download
+    python -m training.evaluate --predictions preds.csv --labels-csv Data_Entry_2017.csv --output-dir eval/
+    python -m training.evaluate --predictions preds.csv --labels-csv CheXpert-v1.0/valid.csv
+    # one CSV with both: truth in `<label>`, scores in `<label>_prob`
+    python -m training.evaluate --predictions both.csv --labels-csv both.csv --score-suffix _prob
+    # against a split of an ETL dataset (train.py writes RUN_DIR/predictions_<stage>_<split>.csv)
     python -m training.evaluate --dataset /data/nih_224 --split test --predictions preds.csv
 
-The file holds `image_id` and one probability column per label (train.py writes
-RUN_DIR/predictions_<stage>_<split>.csv in this format), so results of other tools can be
-compared on the same footing: same rows, same AUROC, same patient-level bootstrap CIs.
+Predictions: an id column (`image_id`, `Image Index` or `Path`) and one score column per label.
+Labels are matched by name in any spelling (training/label_files.py says which files and
+values are understood); whatever is left out is counted and printed, never dropped silently.
 """
 from __future__ import annotations
 
 import argparse
+import html
+import json
+import secrets
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +27,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from etl.schema import LABEL_MASK_COLUMN, DatasetSpec, read_dataset_spec, split_dir
+from training import calibration, label_files
+from training.label_files import Aligned
 from training.metrics import auroc_report
-from training.plots import roc_curves
+from training.plots import reliability_diagram, roc_curves
+from training.report import STYLE, image_tag, number_table
+from training.results import append_results
 from training.targets import LabelLayout
 
 
@@ -49,40 +64,113 @@ def align(predictions: pd.DataFrame, truth: pd.DataFrame, label_names) -> pd.Dat
     return truth.join(predictions[list(label_names)])
 
 
-def score(predictions: pd.DataFrame, dataset: Path, split: str, bootstrap: int = 1000, seed: int = 0):
-    """AUROC report of `predictions` (image_id + a column per label) on a split, and the arrays
-    it was computed from: (report, truth, scores, joined frame)."""
+def from_dataset(predictions: pd.DataFrame, dataset: Path, split: str) -> Aligned:
+    """Predictions (image_id + a column per label) lined up with a split of an ETL dataset."""
     spec = read_dataset_spec(dataset)
     joined = align(predictions, load_truth(Path(dataset), split, spec), spec.label_names)
-    labels = np.asarray(joined["truth"].tolist(), dtype=np.float64).reshape(len(joined), spec.num_labels)
-    scores = joined[list(spec.label_names)].to_numpy(dtype=np.float64)
-    report = auroc_report(labels, scores, joined["patient_id"].to_numpy(), spec.label_names, bootstrap, seed)
-    return report, labels, scores, joined
+    return Aligned(image_ids=list(joined.index), patient_ids=joined["patient_id"].astype(str).to_numpy(),
+                   label_names=list(spec.label_names),
+                   truth=np.asarray(joined["truth"].tolist(), dtype=np.float64).reshape(len(joined), spec.num_labels),
+                   scores=joined[list(spec.label_names)].to_numpy(dtype=np.float64))
 
 
-def print_report(title: str, report: list[dict], joined: pd.DataFrame) -> None:
-    print(f"{title}: {len(joined)} images, {joined['patient_id'].nunique()} patients")
+def score(predictions: pd.DataFrame, dataset: Path, split: str, bootstrap: int = 1000, seed: int = 0):
+    """AUROC report of `predictions` on a dataset split and the aligned arrays: (report, aligned)."""
+    aligned = from_dataset(predictions, dataset, split)
+    return auroc_report(aligned.truth, aligned.scores, aligned.patient_ids, aligned.label_names, bootstrap,
+                        seed), aligned
+
+
+def print_report(title: str, report: list[dict], aligned: Aligned) -> None:
+    print(f"{title}: {len(aligned.image_ids)} images, {len(set(aligned.patient_ids))} "
+          f"{'patients' if aligned.has_patients else 'images resampled (no patient ids)'}")
+    for note in aligned.notes:
+        print(f"  note: {note}")
     for row in report:
         value = "    -" if row["auroc"] is None else (
-            f"{row['auroc']:.3f} [{row['auroc_ci_low']:.3f}, {row['auroc_ci_high']:.3f}]")
-        print(f"  {row['label']:<20} {value}  n+={row['n_pos']} n-={row['n_neg']}")
+            f"{row['auroc']:.4f} [{row['auroc_ci_low']:.4f}, {row['auroc_ci_high']:.4f}]")
+        print(f"  {row['label']:<28} {value}  n+={row['n_pos']} n-={row['n_neg']}")
+
+
+def is_probability(scores: np.ndarray) -> bool:
+    return bool(scores.size) and scores.min() >= 0 and scores.max() <= 1
+
+
+def write_outputs(output_dir: Path, title: str, report: list[dict], aligned: Aligned) -> Path:
+    """auroc.csv, roc.png, reliability.png (scores in [0, 1]) and report.html in `output_dir`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(report).to_csv(output_dir / "auroc.csv", index=False)
+    figures = [output_dir / "roc.png"]
+    roc_curves(aligned.truth, aligned.scores, report, figures[0], title)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p>{len(aligned.image_ids)} images, {len(set(aligned.patient_ids))} "
+             f"{'patients' if aligned.has_patients else 'images (no patient ids: CIs resample images)'}. "
+             "AUROC with 95% patient-level bootstrap intervals.</p>",
+             "".join(f"<p>Note: {html.escape(note)}</p>" for note in aligned.notes),
+             number_table(pd.DataFrame(report))]
+    if is_probability(aligned.scores):
+        figures.append(output_dir / "reliability.png")
+        reliability_diagram(aligned.truth, {"scores": aligned.scores}, aligned.label_names, figures[-1], title)
+        metrics = calibration.calibration_metrics(aligned.truth, aligned.scores, aligned.scores, aligned.label_names)
+        parts.append("<h2>Calibration</h2>" + number_table(
+            pd.DataFrame(metrics)[["label", "brier", "ece"]].rename(columns={"ece": "ECE (15 bins)"})))
+    parts.append("<h2>Figures</h2>" + "".join(image_tag(path) for path in figures) + "</body></html>")
+    (output_dir / "report.html").write_text("\n".join(parts))
+    return output_dir / "report.html"
+
+
+def result_rows(report: list[dict], split: str, source: str, model: str) -> list[dict]:
+    """Rows for the Delta results table, under a run id of their own."""
+    run_id = datetime.now(timezone.utc).strftime("eval-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    created = datetime.now(timezone.utc)
+    return [{"run_id": run_id, "created_at": created, "dataset": source, "model": model, "stage": "external",
+             "split": split, **{k: row[k] for k in ("label", "auroc", "auroc_ci_low", "auroc_ci_high", "n_pos",
+                                                     "n_neg")},
+             "model_config": json.dumps({"evaluated": model})} for row in report]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--predictions", required=True,
+                        help="CSV: an image id column, then one score (probability) column per label")
+    truth = parser.add_argument_group("truth: a labels file, or a split of an ETL dataset")
+    truth.add_argument("--labels-csv", help="wide labels CSV (1/0, -1 and blank unknown) or NIH's Data_Entry CSV")
+    truth.add_argument("--score-suffix", default="",
+                       help="score columns are named <label><suffix>, e.g. _prob when one CSV holds both")
+    truth.add_argument("--dataset", help="folder written by etl/preprocess.py")
+    truth.add_argument("--split", default="test", choices=["train", "val", "test"], help="with --dataset")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="patient-level resamples for 95%% CIs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", help="write auroc.csv, roc.png, reliability.png and report.html here")
+    parser.add_argument("--roc-png", help="also draw the ROC curves to this PNG")
+    parser.add_argument("--results-table", help="append the AUROC rows to this Delta table (stage 'external')")
+    parser.add_argument("--model-name", help="name of the scored model in the Delta rows (default: the file name)")
+    return parser
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="folder written by etl/preprocess.py")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--predictions", required=True, help="CSV: image_id, then one probability column per label")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="patient-level resamples for 95%% CIs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--roc-png", help="also draw the ROC curves to this PNG")
-    args = parser.parse_args(argv)
-
-    report, labels, scores, joined = score(pd.read_csv(args.predictions), Path(args.dataset), args.split,
-                                           args.bootstrap, args.seed)
-    print_report(f"{args.predictions} on {args.dataset} {args.split}", report, joined)
+    args = build_parser().parse_args(argv)
+    if bool(args.labels_csv) == bool(args.dataset):
+        raise SystemExit("give the truth as --labels-csv FILE or as --dataset DIR (with --split), one of them")
+    if args.labels_csv:
+        aligned = label_files.align(args.predictions, args.labels_csv, args.score_suffix)
+        source, split = Path(args.labels_csv).name, "labels_csv"
+    else:
+        aligned = from_dataset(pd.read_csv(args.predictions), Path(args.dataset), args.split)
+        source, split = read_dataset_spec(args.dataset).dataset, args.split
+    report = auroc_report(aligned.truth, aligned.scores, aligned.patient_ids, aligned.label_names, args.bootstrap,
+                          args.seed)
+    title = f"{Path(args.predictions).name} on {source} {split}"
+    print_report(title, report, aligned)
     if args.roc_png:
-        roc_curves(labels, scores, report, Path(args.roc_png), f"{Path(args.predictions).name}, {args.split}")
+        roc_curves(aligned.truth, aligned.scores, report, Path(args.roc_png), title)
+    if args.output_dir:
+        print(f"wrote {write_outputs(Path(args.output_dir), title, report, aligned)}")
+    if args.results_table:
+        append_results(args.results_table, result_rows(report, split, source,
+                                                       args.model_name or Path(args.predictions).name))
+        print(f"appended {len(report)} rows to {args.results_table}")
     return report
 
 

@@ -26,8 +26,8 @@ from torch import nn
 # (before pooling) for the small CNN and the VGGs.
 TARGET_LAYERS = {
     "densenet121": "features.norm5", "densenet121_attA": "features.norm5", "densenet121_attB": "features.norm5",
-    "resnet18": "layer4", "resnet50": "layer4", "small_cnn": "features.6", "vgg_like": "features.26",
-    "vgg16_partial": "features.29",
+    "resnet18": "layer4", "resnet18_half": "layer4", "resnet50": "layer4", "small_cnn": "features.6",
+    "vgg_like": "features.26", "vgg16_partial": "features.29",
 }
 # Heads that keep position (flattened maps) rather than average it away: HiResCAM is exact there.
 POSITIONAL_HEADS = ("small_cnn", "vgg_like", "vgg16_partial")

@@ -40,7 +40,8 @@ def boxed_rows(dataset: Path, boxes: pd.DataFrame) -> pd.DataFrame:
 
 
 def pointing_game(checkpoint: str, dataset: Path, overlay_dir: Path | None = None) -> pd.DataFrame:
-    model, model_name, trained_on, layout, _ = predict.load(checkpoint)
+    scorer = predict.load(checkpoint)
+    model, model_name, trained_on, layout = scorer.model, scorer.model_name, scorer.spec, scorer.layout
     spec = read_dataset_spec(dataset)
     if spec.pixel_dtype != "uint8" or trained_on.label_names != spec.label_names:
         raise SystemExit(f"{dataset} must be a uint8 dataset with the labels {checkpoint} was trained on")

@@ -207,6 +207,44 @@ def _resnet(num_labels, imagenet, depth):
     return model
 
 
+class HalfWidthResNet18(nn.Module):
+    """ResNet-18's layout (7x7 stem, BasicBlocks 2-2-2-2, same module names) at half width,
+    32-256 channels: a quarter of the compute and a quarter of the weights (2.8 M). Made for
+    training from scratch on a few thousand images on CPUs, where it fits 3-4 times the epochs
+    of ResNet-18 in the same time (the pneumonia recipe, conf/kermany.yaml)."""
+
+    def __init__(self, num_labels: int, widths: Sequence[int] = (32, 64, 128, 256)):
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock, conv1x1
+
+        self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
+        self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        channels, stages = widths[0], []
+        for index, width in enumerate(widths):
+            stride = 1 if index == 0 else 2
+            shortcut = (nn.Sequential(conv1x1(channels, width, stride), nn.BatchNorm2d(width))
+                        if stride != 1 or channels != width else None)
+            stages.append(nn.Sequential(BasicBlock(channels, width, stride, shortcut), BasicBlock(width, width)))
+            channels = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_labels)
+        for module in self.modules():  # torchvision's ResNet initialisation
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _resnet18_half(num_labels, imagenet):
+    if imagenet:
+        raise ValueError("resnet18_half has no ImageNet weights; use --weights none or a checkpoint path")
+    return HalfWidthResNet18(num_labels)
+
+
 # Partial transfer: only the first two conv blocks of VGG16 (features[:10], four convs) get
 # ImageNet weights; the rest of the net, deeper convs and fully connected layers, starts random.
 VGG16_TRANSFERRED_LAYERS = 10
@@ -269,6 +307,7 @@ MODELS: dict[str, Architecture] = {
     "densenet121_attB": Architecture(partial(AttentionDenseNet, attention=ConcatAttention), "classifier",
                                      ("attention", "classifier")),
     "resnet18": Architecture(partial(_resnet, depth=18), "fc", ("fc",)),
+    "resnet18_half": Architecture(_resnet18_half, "fc", ("fc",)),
     "resnet50": Architecture(partial(_resnet, depth=50), "fc", ("fc",)),
     "small_cnn": Architecture(_small_cnn, "classifier", ("classifier",)),
     "vgg16_partial": Architecture(_vgg16_partial, "classifier.6", tuple(

@@ -51,3 +51,29 @@ def training_curves(summary_csv: Path, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def reliability_diagram(labels: np.ndarray, series: dict[str, np.ndarray], label_names, path: Path, title: str) -> None:
+    """Observed positive rate against mean predicted probability (10 bins), one panel per
+    series (e.g. before and after calibration), one line per label; the diagonal is perfect."""
+    from training.calibration import expected_calibration_error, reliability
+
+    figure, panels = plt.subplots(1, len(series), figsize=(5.5 * len(series), 5), squeeze=False)
+    for axes, (name, scores) in zip(panels[0], series.items()):
+        axes.set_prop_cycle(color=plt.cm.tab20.colors)
+        for index, label in enumerate(label_names):
+            rows_known = known(labels[:, index])
+            if not rows_known.any():
+                continue
+            truth, probabilities = labels[rows_known, index], scores[rows_known, index]
+            mean, observed, _ = reliability(truth, probabilities)
+            axes.plot(mean, observed, marker="o", markersize=3, linewidth=1.2,
+                      label=f"{label} (ECE {expected_calibration_error(truth, probabilities):.3f})")
+        axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        axes.set(xlabel="mean predicted probability", ylabel="observed positive rate", xlim=(0, 1), ylim=(0, 1),
+                 title=name)
+        axes.legend(fontsize=7, loc="upper left")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

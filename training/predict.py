@@ -1,45 +1,74 @@
-"""Per-label probabilities, operating-point decisions and heatmap overlays for raw images.
+"""Score images with a trained checkpoint: calibrated probabilities and decisions, to a file.
 
-    python -m training.predict --checkpoint RUN_DIR/best_finetune.pth IMAGE_OR_DIR... [--overlay-dir DIR]
+    python -m training.predict --checkpoint RUN_DIR/best_finetune.pth /data/new_studies/ --output predictions.csv
+    python -m training.predict --checkpoint C 'scans/*.png' list_of_paths.txt --output p.csv --parquet
+    python -m training.predict --checkpoint C /data/nih_224 --split test --output p.csv   # an ETL dataset
+    python -m training.predict --checkpoint C image.png --overlay-dir heatmaps/           # terminal + Grad-CAM
 
-Takes what the ETL takes (PNG, JPEG, DICOM), prepared the same way (grey, resized to the
-training size, normalised as the dataset's metadata says). A label is called positive when
-its probability reaches the threshold chosen on validation (Youden's J) and stored in the
-checkpoint by train.py.
+Inputs: image files (PNG, JPEG, DICOM), folders (searched recursively), glob patterns, text
+files listing one path per line, or a Parquet dataset written by etl/preprocess.py. Images are
+prepared exactly as for training (the ETL's decode and resize, the loader's normalisation).
+
+One output row per input image: `image_id`, `path`, the calibrated probability of each label
+(calibration fitted on val by train.py), `<label>_positive` (1/0) at the run's operating point
+(thresholds chosen on val), and `error`: an unreadable image gets its reason there and empty
+scores, and the run goes on.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from etl.images import ImageError, decode_resize
-from etl.schema import DatasetSpec
-from training import checkpoints
+from etl.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
+from training import calibration, checkpoints
 from training.data import model_input
 from training.gradcam import METHODS, class_activation_map, default_method, overlay, target_layer
+from training.label_files import DECISION_SUFFIX, ERROR_COLUMN
 from training.models import build_model, metadata_features, uses_metadata
 from training.targets import LabelLayout
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+LIST_SUFFIXES = (".txt", ".lst")
+log = logging.getLogger("predict")
 
 
-def image_paths(arguments: list[str]) -> list[Path]:
-    paths = []
-    for argument in map(Path, arguments):
-        if argument.is_dir():
-            paths.extend(sorted(p for p in argument.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-        elif argument.exists():
-            paths.append(argument)
-        else:
-            raise SystemExit(f"{argument}: no such file or folder")
-    return paths
+@dataclass
+class Scorer:
+    """A checkpoint ready to score: model, label layout, and what train.py fitted on val."""
+
+    model: torch.nn.Module
+    model_name: str
+    spec: DatasetSpec
+    layout: LabelLayout
+    calibration: list[dict] | None  # training.calibration states; None for checkpoints from before it
+    thresholds: list[float | None]  # per label, at `operating_point`
+    operating_point: str | None
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor, extra_inputs: tuple = ()) -> np.ndarray:
+        """(N, 3, H, W) model input (training.data.model_input of the stored pixels) -> (N, L)
+        calibrated probabilities."""
+        logits = self.model(images, *extra_inputs)
+        return calibration.apply(self.calibration, self.layout.probabilities(logits).numpy())
+
+    def decisions(self, probabilities: np.ndarray) -> np.ndarray:
+        """(N, L) 1/0 at the operating point; NaN for labels without a threshold."""
+        thresholds = np.array([np.nan if t is None else t for t in self.thresholds], dtype=np.float64)
+        return np.where(np.isnan(thresholds), np.nan, (probabilities >= thresholds).astype(np.float64))
 
 
-def load(checkpoint_path: str):
+def load(checkpoint_path: str) -> Scorer:
     try:
         checkpoint = checkpoints.load(Path(checkpoint_path))
     except checkpoints.CheckpointError as exc:
@@ -50,14 +79,135 @@ def load(checkpoint_path: str):
     layout = LabelLayout(spec)
     model = build_model(checkpoint["model_name"], layout.num_outputs, "none")
     model.load_state_dict(checkpoint["model"])
-    thresholds = checkpoint.get("thresholds") or [None] * spec.num_labels
-    return model.eval(), checkpoint["model_name"], spec, layout, thresholds
+    return Scorer(model.eval(), checkpoint["model_name"], spec, layout, checkpoint.get("calibration"),
+                  checkpoint.get("thresholds") or [None] * spec.num_labels, checkpoint.get("operating_point"))
 
 
-def main(argv=None) -> list[dict]:
+def is_dataset(path: Path) -> bool:
+    return path.is_dir() and (path / "_etl_summary.json").exists()
+
+
+def image_paths(arguments: list[str]) -> list[tuple[str, Path]]:
+    """(image_id, path) per image: ids relative to the folder given, else the path as given."""
+    found = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found += [(str(p.relative_to(path)), p) for p in sorted(path.rglob("*"))
+                      if p.suffix.lower() in IMAGE_SUFFIXES]
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip() and not line.startswith("#"):
+                    listed = Path(line.strip())
+                    found.append((line.strip(), listed if listed.is_absolute() else path.parent / listed))
+        elif any(char in argument for char in "*?["):
+            matches = sorted(glob.glob(argument, recursive=True))
+            if not matches:
+                raise SystemExit(f"{argument}: the pattern matches no file")
+            found += [(match, Path(match)) for match in matches]
+        else:  # a missing file is listed with its error, like an unreadable one
+            found.append((argument, path))
+    return found
+
+
+def read_batches(paths: list[tuple[str, Path]], spec: DatasetSpec, batch_size: int):
+    """(ids, paths, stored uint8 pixels of the readable ones, {index: error}) per batch."""
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        pixels, errors = [], {}
+        for index, (_, path) in enumerate(chunk):
+            try:
+                pixels.append(decode_resize(path.read_bytes(), spec.image_size))
+            except ImageError as exc:
+                errors[index] = str(exc)
+            except FileNotFoundError:
+                errors[index] = f"image_missing: no such file {path}"
+            except OSError as exc:
+                errors[index] = f"unreadable_file: {exc.strerror or exc} ({path})"
+        stored = torch.from_numpy(np.stack(pixels)[:, None]) if pixels else None
+        yield [i for i, _ in chunk], [str(p) for _, p in chunk], stored, errors
+
+
+def dataset_batches(dataset: Path, splits: list[str], spec: DatasetSpec, batch_size: int):
+    """The same for the stored pixels of an ETL dataset (already decoded and resized)."""
+    dtype = np.uint8 if spec.pixel_dtype == "uint8" else np.float32
+    for split in splits:
+        folder = split_dir(dataset, split)
+        if not folder.exists():
+            continue
+        for file in sorted(folder.glob("*.parquet")):
+            parquet = pq.ParquetFile(file)
+            for batch in parquet.iter_batches(batch_size, columns=["image_id", spec.pixel_column]):
+                pixels = batch.column(spec.pixel_column).to_pylist()
+                stored = np.frombuffer(b"".join(pixels), dtype=dtype).reshape(len(pixels), *spec.pixel_shape)
+                ids = batch.column("image_id").to_pylist()
+                yield ids, [f"{split}/{i}" for i in ids], torch.from_numpy(stored.copy()), {}
+
+
+def predict_rows(scorer: Scorer, batches, total: int, extra_inputs: tuple = ()) -> pd.DataFrame:
+    """One row per image of `batches`: probabilities, decisions, error."""
+    names = list(scorer.spec.label_names)
+    frames = []
+    with tqdm(total=total, desc="scoring", unit="img") as bar:
+        for ids, paths, stored, errors in batches:
+            probabilities = np.full((len(ids), len(names)), np.nan)
+            readable = [i for i in range(len(ids)) if i not in errors]
+            if readable:
+                extra = tuple(t.expand(len(readable), -1) for t in extra_inputs)
+                probabilities[readable] = scorer.probabilities(model_input(stored, scorer.spec), extra)
+            frame = pd.DataFrame(probabilities, columns=names)
+            frame.insert(0, "path", paths)
+            frame.insert(0, "image_id", ids)
+            decisions = scorer.decisions(probabilities)
+            for index, name in enumerate(names):
+                frame[f"{name}{DECISION_SUFFIX}"] = pd.array(
+                    np.where(np.isnan(probabilities[:, index]), np.nan, decisions[:, index])).astype("Int8")
+            frame[ERROR_COLUMN] = [errors.get(i, "") for i in range(len(ids))]
+            frames.append(frame)
+            bar.update(len(ids))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_overlays(scorer: Scorer, paths: list[tuple[str, Path]], folder: Path, label: str | None, cam: str | None,
+                   extra_inputs: tuple) -> None:
+    """A Grad-CAM overlay PNG per readable image, for `label` or its most probable label."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = scorer.spec.label_names
+    for _, path in paths:
+        try:
+            grey = decode_resize(path.read_bytes(), scorer.spec.image_size)
+        except (ImageError, OSError):
+            continue
+        images = model_input(torch.from_numpy(grey[None, None].copy()), scorer.spec)
+        chosen = label or names[int(np.argmax(scorer.probabilities(images, extra_inputs)[0]))]
+        heatmap = class_activation_map(scorer.model, target_layer(scorer.model, scorer.model_name), images,
+                                       scorer.layout.positive_logit(names.index(chosen)),
+                                       cam or default_method(scorer.model_name), extra_inputs)[0]
+        Image.fromarray(overlay(grey, heatmap)).save(folder / f"{path.stem}_{chosen}.png")
+
+
+def print_rows(rows: pd.DataFrame, scorer: Scorer) -> None:
+    for row in rows.to_dict("records"):
+        print(row["path"])
+        if row[ERROR_COLUMN]:
+            print(f"  skipped: {row[ERROR_COLUMN]}")
+            continue
+        for name, threshold in sorted(zip(scorer.spec.label_names, scorer.thresholds), key=lambda x: -row[x[0]]):
+            decision = "" if threshold is None else (
+                f"  {'POSITIVE' if row[name] >= threshold else 'negative'} (threshold {threshold:.3f})")
+            print(f"  {name:<20} {row[name]:.3f}{decision}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="images (PNG, JPEG, DICOM) or folders of them")
+    parser.add_argument("inputs", nargs="+",
+                        help="images, folders, glob patterns, .txt lists of paths, or one ETL dataset folder")
     parser.add_argument("--checkpoint", required=True, help="RUN_DIR/best_<stage>.pth from train.py")
+    parser.add_argument("--output", help="CSV to write, one row per input image (default: print to the terminal)")
+    parser.add_argument("--parquet", action="store_true", help="also write the rows as Parquet beside --output")
+    parser.add_argument("--split", action="append", choices=SPLITS,
+                        help="with an ETL dataset: the split(s) to score (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--overlay-dir", help="write a heatmap overlay PNG per image here")
     parser.add_argument("--label", help="label of the overlays (default: each image's most probable label)")
     parser.add_argument("--cam", choices=METHODS,
@@ -67,40 +217,48 @@ def main(argv=None) -> list[dict]:
     fusion.add_argument("--age", type=float, help="age in years")
     fusion.add_argument("--sex", choices=["M", "F"])
     fusion.add_argument("--view-position", help="PA, AP, LL or LATERAL")
-    args = parser.parse_args(argv)
+    return parser
 
-    model, model_name, spec, layout, thresholds = load(args.checkpoint)
-    extra_inputs = (metadata_features([args.age], [args.sex], [args.view_position]),) if uses_metadata(model_name) else ()
-    if args.label and args.label not in spec.label_names:
-        raise SystemExit(f"--label {args.label!r} is not one of {list(spec.label_names)}")
+
+def main(argv=None) -> pd.DataFrame:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    scorer = load(args.checkpoint)
+    extra = (metadata_features([args.age], [args.sex], [args.view_position]),) if uses_metadata(scorer.model_name) \
+        else ()
+    if args.label and args.label not in scorer.spec.label_names:
+        raise SystemExit(f"--label {args.label!r} is not one of {list(scorer.spec.label_names)}")
+    if len(args.inputs) == 1 and is_dataset(Path(args.inputs[0])):
+        dataset = Path(args.inputs[0])
+        stored_spec = read_dataset_spec(dataset)
+        if stored_spec.image_size != scorer.spec.image_size or stored_spec.pixel_dtype != scorer.spec.pixel_dtype:
+            raise SystemExit(f"{dataset} holds {stored_spec.image_size} px {stored_spec.pixel_dtype} pixels, the model "
+                             f"was trained on {scorer.spec.image_size} px {scorer.spec.pixel_dtype}: rerun the ETL at "
+                             "that size, or pass the image files")
+        splits = args.split or list(SPLITS)
+        total = sum(pq.ParquetFile(f).metadata.num_rows for s in splits if split_dir(dataset, s).exists()
+                    for f in split_dir(dataset, s).glob("*.parquet"))
+        paths, batches = [], dataset_batches(dataset, splits, stored_spec, args.batch_size)
+    else:
+        paths = image_paths(args.inputs)
+        total, batches = len(paths), read_batches(paths, scorer.spec, args.batch_size)
+    rows = predict_rows(scorer, batches, total, extra)
+    failed = int((rows[ERROR_COLUMN] != "").sum()) if len(rows) else 0
+    log.info("scored %d images with %s (%s, operating point %s); %d unreadable, listed with their reason",
+             len(rows) - failed, args.checkpoint, "calibrated" if scorer.calibration else "not calibrated",
+             scorer.operating_point or "none", failed)
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_csv(output, index=False, float_format="%.6f")
+        if args.parquet:
+            rows.to_parquet(output.with_suffix(".parquet"), index=False)
+        log.info("wrote %s%s", output, " and its .parquet" if args.parquet else "")
+    else:
+        print_rows(rows, scorer)
     if args.overlay_dir:
-        Path(args.overlay_dir).mkdir(parents=True, exist_ok=True)
-    results = []
-    for path in image_paths(args.paths):
-        try:
-            grey = decode_resize(path.read_bytes(), spec.image_size)
-        except ImageError as exc:
-            print(f"{path}: skipped, {exc}")
-            continue
-        images = model_input(torch.from_numpy(grey[None, None].copy()), spec)
-        with torch.no_grad():
-            probabilities = layout.probabilities(model(images, *extra_inputs))[0].numpy()
-        print(path)
-        for name, probability, threshold in sorted(zip(spec.label_names, probabilities, thresholds),
-                                                   key=lambda item: -item[1]):
-            decision = "" if threshold is None else (
-                f"  {'POSITIVE' if probability >= threshold else 'negative'} (threshold {threshold:.3f})")
-            print(f"  {name:<20} {probability:.3f}{decision}")
-        result = {"path": str(path), "probabilities": dict(zip(spec.label_names, map(float, probabilities)))}
-        if args.overlay_dir:
-            label = args.label or spec.label_names[int(np.argmax(probabilities))]
-            heatmap = class_activation_map(model, target_layer(model, model_name), images,
-                                           layout.positive_logit(spec.label_names.index(label)),
-                                           args.cam or default_method(model_name), extra_inputs)[0]
-            result["overlay"] = str(Path(args.overlay_dir) / f"{path.stem}_{label}.png")
-            Image.fromarray(overlay(grey, heatmap)).save(result["overlay"])
-        results.append(result)
-    return results
+        write_overlays(scorer, paths, Path(args.overlay_dir), args.label, args.cam, extra)
+    return rows
 
 
 if __name__ == "__main__":

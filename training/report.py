@@ -19,7 +19,7 @@ import pandas as pd
 from training.results import latest_run, read_results
 
 DETAIL_COLUMNS = ["label", "auroc", "auroc_ci_low", "auroc_ci_high", "n_pos", "n_neg", "threshold", "accuracy",
-                  "precision", "recall", "specificity", "f1", "tp", "fp", "fn", "tn"]
+                  "precision", "recall", "specificity", "f1", "tp", "fp", "fn", "tn", "brier", "ece"]
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}th{background:#eee}
 tr.this{background:#fff3c4}img{max-width:48%;margin:4px;border:1px solid #ddd}code{background:#f4f4f4}"""
@@ -55,6 +55,44 @@ def number_table(frame: pd.DataFrame, highlight: pd.Series | None = None) -> str
     return f"<table><tr>{header}</tr>{body}</table>"
 
 
+def with_interval(frame: pd.DataFrame, metric: str) -> pd.Series:
+    """'0.912 [0.881, 0.940]' per row, from the metric and its _ci_low / _ci_high columns."""
+    def text(row):
+        if pd.isna(row[metric]):
+            return ""
+        low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+        interval = "" if pd.isna(low) or pd.isna(high) else f" [{low:.3f}, {high:.3f}]"
+        return f"{row[metric]:.3f}{interval}"
+    return frame.apply(text, axis=1)
+
+
+def operating_point_section(run_dir: Path, stage: str) -> list[str]:
+    """Every policy's val-chosen thresholds, applied unchanged to val and test, with 95% CIs."""
+    path = run_dir / f"operating_points_{stage}.csv"
+    if not path.exists():
+        return []
+    frame = pd.read_csv(path)
+    table = frame[["split", "policy", "label"]].copy()
+    table["threshold"] = frame["threshold"].map(lambda v: f"{v:.4f}")
+    for metric, title in (("accuracy", "accuracy"), ("recall", "sensitivity"), ("specificity", "specificity"),
+                          ("precision", "precision"), ("f1", "F1")):
+        table[title] = with_interval(frame, metric)
+    table = table.sort_values(["split", "label"], key=lambda c: c.map({"test": 0, "val": 1}).fillna(2)
+                              if c.name == "split" else c, kind="stable")
+    return [f"<h2>{html.escape(stage)} &mdash; operating points</h2><p>Thresholds chosen on val by each policy "
+            "(training/operating_points.py) and applied unchanged to test; 95% patient-level bootstrap intervals.</p>",
+            number_table(table)]
+
+
+def calibration_section(run_dir: Path, stage: str) -> list[str]:
+    path = run_dir / f"calibration_{stage}.csv"
+    if not path.exists():
+        return []
+    frame = pd.read_csv(path)
+    return [f"<h2>{html.escape(stage)} &mdash; calibration</h2><p>Brier score and expected calibration error "
+            "(15 bins) before (raw) and after the calibration fitted on val.</p>", number_table(frame)]
+
+
 def comparison(results: pd.DataFrame) -> pd.DataFrame:
     """One row per run, stage and split: mean AUROC with its CI, best first."""
     means = results[results["label"] == "mean"].copy()
@@ -79,15 +117,22 @@ def render(results: pd.DataFrame, run_id: str | None = None) -> str:
     config = first.get("model_config")
     if isinstance(config, str) and config:
         parts.append(f"<p>Training options: <code>{html.escape(json.dumps(json.loads(config)))}</code></p>")
-    parts.append("<p>AUROC with 95% patient-level bootstrap intervals; operating-point metrics at each label's "
-                 "threshold chosen on validation (Youden's J).</p>")
+    chosen = run["operating_point"].dropna() if "operating_point" in run else pd.Series(dtype=str)
+    policy = chosen.iloc[0] if len(chosen) else "youden"  # runs from before the policies used Youden's J
+    parts.append("<p>AUROC with 95% patient-level bootstrap intervals, on calibrated probabilities. Test figures are "
+                 "the result; val figures only say how the thresholds and the calibration were fitted. "
+                 f"Operating-point metrics at each label's threshold chosen on val by the run's policy "
+                 f"(<code>{html.escape(str(policy))}</code>); every policy is compared below.</p>")
     for (stage, split), rows in run.groupby(["stage", "split"], sort=False):
         present = [column for column in DETAIL_COLUMNS if column in rows and rows[column].notna().any()]
         epoch = rows["best_epoch"].iloc[0]
         title = f"{html.escape(stage)} &mdash; {html.escape(split)}"
         title += "" if pd.isna(epoch) else f" (best epoch {int(epoch)})"  # ensembles have none
         parts.append(f"<h2>{title}</h2>{number_table(rows[present])}")
-    figures = sorted(run_dir.glob("roc_*.png")) + sorted(run_dir.glob("training_curves.png"))
+    for stage in dict.fromkeys(run["stage"]):
+        parts += operating_point_section(run_dir, stage) + calibration_section(run_dir, stage)
+    figures = (sorted(run_dir.glob("roc_*.png")) + sorted(run_dir.glob("reliability_*.png"))
+               + sorted(run_dir.glob("training_curves.png")))
     if figures:
         parts.append("<h2>Figures</h2>" + "".join(image_tag(path) for path in figures))
     table = comparison(results)

@@ -6,8 +6,14 @@ Two writers, chosen by `--results-engine`:
 - `delta-spark`: through a Spark session that has the Delta jars, as on Databricks. Spark is
   imported only when this engine is chosen, so training never needs it otherwise.
 Appends never overwrite: each write is one new table version.
+
+The table is a Delta folder (a path), or with `delta-spark` a Unity Catalog table name
+(`catalog.schema.table`), as on Databricks, where volumes hold files and tables belong in
+the catalog.
 """
 from __future__ import annotations
+
+import re
 
 import pandas as pd
 import pyarrow as pa
@@ -26,7 +32,9 @@ RESULT_SCHEMA = pa.schema([
     ("auroc_ci_high", pa.float64()),
     ("n_pos", pa.int64()),
     ("n_neg", pa.int64()),
-    # at the label's threshold chosen on validation (Youden's J); null where there is none
+    # at the label's threshold chosen on validation by the run's operating-point policy
+    # (training/operating_points.py); null where there is none
+    ("operating_point", pa.string()),
     ("threshold", pa.float64()),
     ("accuracy", pa.float64()),
     ("precision", pa.float64()),
@@ -37,6 +45,9 @@ RESULT_SCHEMA = pa.schema([
     ("fp", pa.int64()),
     ("fn", pa.int64()),
     ("tn", pa.int64()),
+    # of the calibrated probabilities (training/calibration.py)
+    ("brier", pa.float64()),
+    ("ece", pa.float64()),
     ("best_epoch", pa.int32()),
     ("world_size", pa.int32()),
     ("backend", pa.string()),
@@ -45,22 +56,37 @@ RESULT_SCHEMA = pa.schema([
     ("model_config", pa.string()),  # the model and its training options, e.g. for ensembles and the report
 ])
 ENGINES = ("deltalake", "delta-spark")
+TABLE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}$")  # schema.table or catalog.schema.table
+
+
+def is_table_name(table_uri: str) -> bool:
+    return bool(TABLE_NAME.match(table_uri))
 
 
 def append_results(table_uri: str, rows: list[dict], engine: str = "deltalake") -> None:
     table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
     if engine == "deltalake":
+        if is_table_name(table_uri):
+            raise ValueError(f"{table_uri!r} is a catalog table name: write it with --results-engine delta-spark "
+                             "(a Spark session with Delta, as on Databricks), or give a folder path")
         from deltalake import write_deltalake
 
         write_deltalake(table_uri, table, mode="append", schema_mode="merge")  # tables from before new columns
     elif engine == "delta-spark":
         from pyspark.sql import SparkSession
 
-        spark = SparkSession.builder.getOrCreate()  # a Databricks/Delta-enabled session
-        (spark.createDataFrame(table.to_pandas()).write.format("delta").mode("append")
-         .option("mergeSchema", "true").save(table_uri))
+        publish(SparkSession.builder.getOrCreate(), table.to_pandas(), table_uri)  # a Delta-enabled session
     else:
         raise ValueError(f"unknown results engine {engine!r}; choose one of {ENGINES}")
+
+
+def publish(spark, rows: pd.DataFrame, table_uri: str) -> None:
+    """Append rows with a Delta-enabled Spark session: to a catalog table by name, else to a path."""
+    writer = spark.createDataFrame(rows).write.format("delta").mode("append").option("mergeSchema", "true")
+    if is_table_name(table_uri):
+        writer.saveAsTable(table_uri)
+    else:
+        writer.save(table_uri)
 
 
 def read_results(table_uri: str) -> pd.DataFrame:

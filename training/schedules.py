@@ -11,14 +11,17 @@ import math
 
 import torch
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "step", "plateau", "cosine")
 
 
 def build_optimizer(name: str, parameters, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
-    """Adam with betas 0.9/0.999 (CheXpert's setting) or SGD with momentum."""
+    """Adam with betas 0.9/0.999 (CheXpert's setting; weight decay as an L2 term), AdamW (the same
+    with decoupled weight decay, Loshchilov & Hutter) or SGD with momentum."""
     if name == "adam":
         return torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")

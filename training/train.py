@@ -28,14 +28,16 @@ import torch
 from tqdm import tqdm
 
 from etl.config import dump_config, parse_args
+from etl.hold_points import hold_at
 from etl.schema import read_dataset_spec
-from training import checkpoints, distributed
+from training import calibration, checkpoints, distributed
 from training.augment import Augmentation, batch_generator
 from training.data import METADATA_COLUMNS, SplitReader, label_table, prefetch, split_row_count, split_row_groups
-from training.metrics import auroc_report, mean_auroc, per_label_auroc, threshold_metrics, youden_thresholds
+from training.metrics import auroc_report, mean_auroc, per_label_auroc
+from training.operating_points import DEFAULT_POLICIES, Policy, choose_thresholds, operating_table, parse_policies
 from training.models import (MODELS, build_model, head_name, in_head, metadata_features, set_backbone_trainable,
                              uses_metadata)
-from training.plots import roc_curves, training_curves
+from training.plots import reliability_diagram, roc_curves, training_curves
 from training.precision import AMP_MODES, Precision
 from training.report import write_report
 from training.results import ENGINES, append_results
@@ -48,7 +50,11 @@ STAGES = ("kt", "finetune")
 EVAL_SPLITS = ("val", "test")
 # The options that make a model what it is, kept with each result row to compare runs.
 MODEL_CONFIG = ("model", "weights", "stages", "epochs_kt", "epochs_finetune", "lr_kt", "lr_finetune", "optimizer",
-                "schedule", "batch_size", "loss", "oversample", "augment", "amp", "seed")
+                "weight_decay", "schedule", "batch_size", "loss", "oversample", "augment", "amp", "seed",
+                "calibration", "operating_point")
+# The policy that held up on data from elsewhere (README, "Evaluation": measured on the official
+# pneumonia test split, where thresholds at Youden's J or the F1 optimum on val did not).
+DEFAULT_OPERATING_POINT = "sens>=0.95"
 
 
 @dataclass
@@ -85,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--warmup-steps", type=int, default=20,
                           help="linear LR warm-up steps; the LR is scaled by the number of ranks (default 20)")
     schedule.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
-                          help="adam (betas 0.9/0.999, as CheXpert; default) or sgd (with --momentum)")
+                          help="adam (betas 0.9/0.999, as CheXpert; default), adamw (decoupled --weight-decay) or "
+                               "sgd (with --momentum)")
     schedule.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    schedule.add_argument("--weight-decay", type=float, default=0.0)
+    schedule.add_argument("--weight-decay", type=float, default=0.0,
+                          help="L2 penalty (adam, sgd) or decoupled weight decay (adamw); default 0")
     schedule.add_argument("--schedule", choices=SCHEDULES, default="constant",
                           help="after warm-up: constant (default), step (x --lr-gamma every --lr-step-epochs), "
                                "plateau (x --lr-gamma after --lr-patience epochs without a better val AUROC) or "
@@ -112,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--max-steps-per-epoch", type=int, default=0, help="stop epochs early (0: full pass)")
     schedule.add_argument("--bootstrap", type=int, default=1000,
                           help="patient-level bootstrap resamples for the 95%% CI of each AUROC (default 1000)")
+    decisions = parser.add_argument_group("calibration and operating points (fitted on val, applied to test)")
+    decisions.add_argument("--calibration", choices=calibration.METHODS, default="auto",
+                           help="per-label calibration of the probabilities, fitted on val and stored with the "
+                                "checkpoint: platt, temperature, isotonic, auto (isotonic with >= "
+                                f"{calibration.ISOTONIC_MIN_PER_CLASS} val positives and negatives, else platt; "
+                                "default) or none (training/calibration.py)")
+    decisions.add_argument("--operating-point", default=DEFAULT_OPERATING_POINT,
+                           help="policy of the thresholds that predict uses and the Delta rows report: youden, "
+                                "f1, sens>=X, spec>=X or prevalence=P (training/operating_points.py; default "
+                                f"{DEFAULT_OPERATING_POINT}, see README)")
+    decisions.add_argument("--operating-points", default=",".join(DEFAULT_POLICIES),
+                           help="policies whose val-chosen thresholds the report shows on val and test "
+                                f"(default {','.join(DEFAULT_POLICIES)})")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--backend", default="auto", choices=["auto", "horovod", "torch", "single"],
                          help="auto: horovod under horovodrun, torch under torchrun, else single")
@@ -135,8 +156,8 @@ def new_run_id() -> str:
 
 
 class Trainer:
-    def __init__(self, args, dist: distributed.Single):
-        self.args, self.dist = args, dist
+    def __init__(self, args, dist: distributed.Single, policies: list[Policy]):
+        self.args, self.dist, self.policies = args, dist, policies
         self.spec = read_dataset_spec(args.dataset)
         self.device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
         self.precision = Precision(args.amp, args.channels_last, self.device)
@@ -311,6 +332,7 @@ class Trainer:
                                   "stage": stage, "epoch": epoch, "best_auroc": best_auroc,
                                   "best_epoch": best_epoch, "run_id": args.run_id},
                                  self.run_dir / "checkpoint.pth")
+                hold_at(f"train:{stage}:{epoch}")  # fault tests: a rank is killed here
         model.load_state_dict(best_state)
         self.report_stage(stage, model, best_epoch, float(np.mean(wait_fractions)) if wait_fractions else None)
         return best_state
@@ -341,49 +363,81 @@ class Trainer:
             writer.writerow(row)
 
     def report_stage(self, stage, model, best_epoch, wait_fraction) -> None:
-        """Evaluate the stage's best model on val and test; rank 0 appends the rows to Delta."""
-        args, created = self.args, datetime.now(timezone.utc)
-        rows, thresholds = [], None
-        for split in EVAL_SPLITS:
-            if split_row_count(args.dataset, split) == 0:
-                continue
-            predictions = self.predict(model, split)
-            if not self.dist.is_main:
-                continue
-            metrics = auroc_report(predictions.labels, predictions.scores, predictions.patient_ids,
-                                   self.spec.label_names, args.bootstrap, args.seed)
-            if split == "val":  # operating points: chosen on val, applied to val and test, kept for predict
-                thresholds = youden_thresholds(predictions.labels, predictions.scores)
-                if best_epoch:
-                    best = checkpoints.load(self.run_dir / f"best_{stage}.pth")
-                    checkpoints.save({**best, "thresholds": thresholds}, self.run_dir / f"best_{stage}.pth")
-            if thresholds is not None:
-                for metric, at_threshold in zip(metrics, threshold_metrics(predictions.labels, predictions.scores,
-                                                                           thresholds)):
-                    metric.update(at_threshold)
+        """Evaluate the stage's best model on val and test. On val, fit the calibration and choose
+        the thresholds of every operating-point policy; store them with the checkpoint; apply them
+        unchanged to test. Rank 0 appends the rows to Delta and writes the tables and figures."""
+        args = self.args
+        splits = [split for split in EVAL_SPLITS if split_row_count(args.dataset, split)]
+        raw = {split: self.predict(model, split) for split in splits}  # every rank takes part
+        train = self.predict(model, "train") if args.predict_train else None
+        if not self.dist.is_main:
+            return
+        calibrators, thresholds = None, {}
+        if "val" in raw:
+            val = raw["val"]
+            calibrators = calibration.fit(val.labels, val.scores, args.calibration)
+            thresholds = choose_thresholds(val.labels, calibration.apply(calibrators, val.scores), self.policies)
+            log.info("%s calibration (fitted on val): %s", stage,
+                     calibration.describe(calibrators, self.spec.label_names))
+            if best_epoch:
+                best = checkpoints.load(self.run_dir / f"best_{stage}.pth")
+                checkpoints.save({**best, "calibration": calibrators, "operating_points": thresholds,
+                                  "operating_point": args.operating_point,
+                                  "thresholds": thresholds[args.operating_point]}, self.run_dir / f"best_{stage}.pth")
+        rows, operating_rows, calibration_rows = [], [], []
+        created = datetime.now(timezone.utc)
+        for split, predictions in raw.items():
+            scores = calibration.apply(calibrators, predictions.scores)
+            calibrated = Predictions(predictions.image_ids, predictions.patient_ids, scores, predictions.labels)
+            metrics = auroc_report(predictions.labels, scores, predictions.patient_ids, self.spec.label_names,
+                                   args.bootstrap, args.seed)
+            operating = operating_table(predictions.labels, scores, predictions.patient_ids, self.spec.label_names,
+                                        thresholds, args.bootstrap, args.seed)
+            operating_rows += [{"split": split, **row} for row in operating]
+            fit = calibration.calibration_metrics(predictions.labels, predictions.scores, scores,
+                                                  self.spec.label_names)
+            calibration_rows += [{"split": split, **row} for row in fit]
+            chosen = {row["label"]: row for row in operating if row["policy"] == args.operating_point}
+            quality = {row["label"]: row for row in fit}
             for metric in metrics:
+                at_threshold = {key: value for key, value in chosen.get(metric["label"], {}).items()
+                                if key in OPERATING_COLUMNS}
                 rows.append({
                     "run_id": args.run_id, "created_at": created, "dataset": self.spec.dataset,
                     "image_size": self.spec.image_size, "model": args.model, "stage": stage, "split": split,
-                    **metric, "best_epoch": best_epoch, "world_size": self.dist.size, "backend": self.dist.name,
+                    **metric, **at_threshold, "operating_point": args.operating_point if at_threshold else None,
+                    "brier": quality.get(metric["label"], {}).get("brier"),
+                    "ece": quality.get(metric["label"], {}).get("ece"),
+                    "best_epoch": best_epoch, "world_size": self.dist.size, "backend": self.dist.name,
                     "data_wait_fraction": wait_fraction, "run_dir": str(self.run_dir.resolve()),
                     "model_config": json.dumps({key: getattr(args, key) for key in MODEL_CONFIG}),
                 })
-            self.save_predictions(stage, split, predictions)
-            roc_curves(predictions.labels, predictions.scores, metrics, self.run_dir / f"roc_{stage}_{split}.png",
-                       f"{args.model}, {stage} (best epoch {best_epoch}), {split}: {len(predictions.image_ids)} images")
-            mean = metrics[-1]
-            log.info("%s best (epoch %d) on %s: mean AUROC %s", stage, best_epoch, split,
-                     "n/a" if mean["auroc"] is None
-                     else f"{mean['auroc']:.4f} [95% CI {mean['auroc_ci_low']:.4f}, {mean['auroc_ci_high']:.4f}]")
-        if args.predict_train:
-            predictions = self.predict(model, "train")
-            if self.dist.is_main:
-                self.save_predictions(stage, "train", predictions)
-        if self.dist.is_main and rows:
+            self.save_predictions(stage, split, calibrated)
+            title = f"{args.model}, {stage} (best epoch {best_epoch}), {split}: {len(predictions.image_ids)} images"
+            roc_curves(predictions.labels, scores, metrics, self.run_dir / f"roc_{stage}_{split}.png", title)
+            reliability_diagram(predictions.labels, {"before calibration": predictions.scores,
+                                                     f"after ({args.calibration}, fitted on val)": scores},
+                                self.spec.label_names, self.run_dir / f"reliability_{stage}_{split}.png", title)
+            self.log_split(stage, best_epoch, split, metrics[-1], chosen)
+        if train is not None:
+            self.save_predictions(stage, "train", Predictions(train.image_ids, train.patient_ids,
+                                                              calibration.apply(calibrators, train.scores),
+                                                              train.labels))
+        write_csv(self.run_dir / f"operating_points_{stage}.csv", operating_rows)
+        write_csv(self.run_dir / f"calibration_{stage}.csv", calibration_rows)
+        if rows:
             append_results(args.results_table, rows, args.results_engine)
             self.results_written += len(rows)
             training_curves(self.run_dir / "summary.csv", self.run_dir / "training_curves.png")
+
+    def log_split(self, stage, best_epoch, split, mean, chosen) -> None:
+        text = ("n/a" if mean["auroc"] is None
+                else f"{mean['auroc']:.4f} [95% CI {mean['auroc_ci_low']:.4f}, {mean['auroc_ci_high']:.4f}]")
+        if len(chosen) == 1:  # one label: say what the operating point gives
+            (row,) = chosen.values()
+            text += (f"; at the val-chosen {self.args.operating_point} threshold {row['threshold']:.3f}: accuracy "
+                     f"{row['accuracy']:.3f}, sensitivity {row['recall']:.3f}, specificity {row['specificity']:.3f}")
+        log.info("%s best (epoch %d) on %s: mean AUROC %s", stage, best_epoch, split, text)
 
     def save_predictions(self, stage, split, predictions: Predictions) -> None:
         """image_id and one probability column per label: the format training.evaluate reads."""
@@ -394,6 +448,17 @@ class Trainer:
                 writer.writerow([image_id, *(f"{value:.6f}" for value in row)])
 
 
+OPERATING_COLUMNS = ("threshold", "accuracy", "precision", "recall", "specificity", "f1", "tp", "fp", "fn", "tn")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if rows:
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def main(argv=None) -> None:
     args = parse_args(build_parser(), "train", argv)
     dist = distributed.detect(args.backend)
@@ -402,6 +467,11 @@ def main(argv=None) -> None:
     logging.getLogger("petastorm").setLevel(logging.WARNING)  # per-reader schema notes
     if not args.dataset:
         raise SystemExit("missing --dataset (the ETL's --output folder), or set it in --config")
+    try:
+        policies = parse_policies(f"{args.operating_point},{args.operating_points}")
+    except ValueError as exc:
+        raise SystemExit(f"--operating-point(s): {exc}") from None
+    args.operating_point = policies[0].text
     if args.channels_last and dist.name == "horovod":
         raise SystemExit("--channels-last does not work under Horovod 0.28.1: its broadcasts and allreduces need "
                          "tensors in the default layout (horovod/horovod#3491, open). Launch with torchrun (DDP "
@@ -415,7 +485,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--resume: {exc}") from None
     args.run_id = resume["run_id"] if resume else dist.allgather_object(args.run_id or new_run_id())[0]
     torch.manual_seed(args.seed)
-    trainer = Trainer(args, dist)
+    trainer = Trainer(args, dist, policies)
     if dist.is_main:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(args, trainer.run_dir / "config.yaml")
