@@ -1,12 +1,18 @@
 # One image for the Spark master, the workers and the trainer: the project and its venv.
+# The dependency layer is built from the install inputs alone, so a code change rebuilds
+# only the last COPY, not the environment (Horovod's build takes minutes). The editable install
+# was made before the source was there, so PYTHONPATH names the source folder.
 FROM python:3.11-slim-bookworm
 RUN apt-get update \
     && apt-get install -y --no-install-recommends openjdk-17-jre-headless procps build-essential git \
     && rm -rf /var/lib/apt/lists/*
 ENV JAVA_HOME=/usr/lib/jvm/java-17-openjdk-amd64
 WORKDIR /opt/cxr
-COPY . .
+COPY install/ install/
+COPY setup.py ./
 RUN VENV=/opt/venv bash install/setup_env.sh
+COPY . .
 ENV PATH=/opt/venv/bin:$PATH \
     PYSPARK_PYTHON=/opt/venv/bin/python \
-    SPARK_HOME=/opt/venv/lib/python3.11/site-packages/pyspark
+    SPARK_HOME=/opt/venv/lib/python3.11/site-packages/pyspark \
+    PYTHONPATH=/opt/cxr

@@ -12,15 +12,21 @@ setup(
     description="Chest X-ray pathology pipeline: Spark ETL to Parquet, Petastorm + Horovod training, AUROC in Delta",
     python_requires=">=3.10",
     packages=find_packages(include=["etl", "etl.*", "training", "training.*"]),
+    # The base requirements accept what the Databricks runtimes the bundle names already ship
+    # (15.4 LTS: numpy 1.23.5, pandas 1.5.3, pyarrow 14.0.1), so installing the wheel on a
+    # cluster never replaces the libraries Spark runs on. Local installs pin exact versions in
+    # install/requirements.txt.
     install_requires=[
-        "numpy>=1.24,<2",  # petastorm 0.13.1 fails with numpy 2
-        "pyarrow>=11,<15",  # petastorm 0.13.1 needs pyarrow.filesystem and validate_schema
-        "pandas>=2",
-        "pillow>=10",
+        "numpy>=1.23,<2",  # petastorm 0.13.1 fails with numpy 2
+        "pyarrow>=11",
+        "pandas>=1.5",
+        "pillow>=9.1",
         "pyyaml",
     ],
     extras_require={
         "etl": ["pyspark>=3.5,<4.1"],  # pyspark 4.1+ requires pyarrow >= 18
-        "train": ["torch>=2.1", "torchvision", "scikit-learn", "deltalake>=1.0", "tqdm", "matplotlib"],
+        # training-only: the ML runtimes ship these; petastorm 0.13.1 needs pyarrow < 15
+        "train": ["torch>=2.1", "torchvision", "scikit-learn", "deltalake>=1.0", "tqdm", "matplotlib",
+                  "pyarrow<15"],
     },
 )

@@ -1,80 +1,16 @@
-"""Deployment files, validated structurally (no Docker engine or Databricks workspace here)."""
+"""Deployment files: secrets, docker-compose and the Dockerfile (the bundle: test_bundle.py)."""
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from databricks.sdk.service.jobs import JobSettings
 
 from conftest import ROOT
 
 SECRET_WORDS = re.compile(r"token|password|secret|apikey|api_key|dapi[0-9a-f]{8}", re.IGNORECASE)
-
-
-def resolve_variables(node, variables):
-    if isinstance(node, dict):
-        return {key: resolve_variables(value, variables) for key, value in node.items()}
-    if isinstance(node, list):
-        return [resolve_variables(value, variables) for value in node]
-    if isinstance(node, str):
-        return re.sub(r"\$\{var\.(\w+)\}", lambda m: str(variables[m.group(1)]), node)
-    return node
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return yaml.safe_load((ROOT / "jobs" / "databricks.yml").read_text())
-
-
-@pytest.fixture(scope="module")
-def jobs(bundle):
-    variables = {name: spec["default"] for name, spec in bundle["variables"].items()}
-    resolved = resolve_variables(bundle["resources"]["jobs"], variables)
-    return {name: JobSettings.from_dict(settings) for name, settings in resolved.items()}
-
-
-def test_bundle_defines_a_nightly_etl_and_a_weekly_training_job(jobs):
-    assert set(jobs) == {"cxr_etl_nightly", "cxr_train_weekly", "cxr_chexpert_selftrained"}
-    nightly, weekly = jobs["cxr_etl_nightly"].schedule, jobs["cxr_train_weekly"].schedule
-    assert nightly.quartz_cron_expression.split()[3:5] == ["*", "*"]  # every day of every month
-    assert weekly.quartz_cron_expression.split()[5] in {"SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"}
-    for settings in jobs.values():
-        assert settings.schedule.timezone_id and len(settings.schedule.quartz_cron_expression.split()) in (6, 7)
-        assert settings.email_notifications.on_failure
-        assert settings.job_clusters and settings.max_concurrent_runs == 1
-
-
-def test_every_task_runs_a_file_of_this_repository_with_retries_and_the_wheel(jobs):
-    for settings in jobs.values():
-        for task in settings.tasks:
-            entry = (ROOT / "jobs" / task.spark_python_task.python_file).resolve()
-            assert entry.is_file() and entry.is_relative_to(ROOT), entry
-            assert task.max_retries >= 1 and task.timeout_seconds > 0
-            assert task.job_cluster_key in {c.job_cluster_key for c in settings.job_clusters}
-            assert any(library.whl for library in task.libraries)
-
-
-def test_training_task_uses_torch_distributor_and_etl_task_is_parameterised(jobs):
-    (train,) = jobs["cxr_train_weekly"].tasks
-    assert train.spark_python_task.python_file.endswith("jobs/train_distributor.py")
-    assert "--use-gpu" in train.spark_python_task.parameters
-    (etl,) = jobs["cxr_etl_nightly"].tasks
-    parameters = etl.spark_python_task.parameters
-    assert parameters[parameters.index("--source") + 1] == "nih" and parameters[parameters.index("--size") + 1] == "224"
-
-
-def test_self_trained_job_chains_first_pass_relabel_second_pass_on_the_same_files(jobs):
-    settings = jobs["cxr_chexpert_selftrained"]
-    first, relabel, second = settings.tasks
-    assert settings.schedule.pause_status.value == "PAUSED"  # on demand
-    assert [d.task_key for d in relabel.depends_on] == ["first_pass"]
-    assert [d.task_key for d in second.depends_on] == ["relabel"]
-    first_args, relabel_args, second_args = (t.spark_python_task.parameters for t in (first, relabel, second))
-    assert "--predict-train" in first_args and relabel.spark_python_task.python_file.endswith("etl/uncertainty.py")
-    run_dir = f"{first_args[first_args.index('--output-dir') + 1]}/{first_args[first_args.index('--run-id') + 1]}"
-    assert relabel_args[relabel_args.index("--predictions") + 1] == f"{run_dir}/predictions_finetune_train.csv"
-    assert relabel_args[relabel_args.index("--dataset") + 1] == first_args[first_args.index("--dataset") + 1]
-    assert second_args[second_args.index("--dataset") + 1] == relabel_args[relabel_args.index("--output") + 1]
 
 
 def strings(node):
@@ -90,7 +26,7 @@ def strings(node):
         yield str(node)
 
 
-@pytest.mark.parametrize("path", ["jobs/databricks.yml", "docker-compose.yml"])
+@pytest.mark.parametrize("path", ["databricks.yml", "jobs/cxr_jobs.yml", "docker-compose.yml"])
 def test_no_secret_or_workspace_host_in_deployment_files(path):
     for text in strings(yaml.safe_load((ROOT / path).read_text())):
         assert not SECRET_WORDS.search(text), f"{path}: {text}"
@@ -113,12 +49,42 @@ def test_docker_compose_services_ports_volumes_and_commands():
     assert services["spark-master"]["command"][:2] == ["spark-class", "org.apache.spark.deploy.master.Master"]
     worker = services["spark-worker"]
     assert worker["command"][1] == "org.apache.spark.deploy.worker.Worker"
-    assert worker["command"][2] == "spark://spark-master:7077" and "spark-master" in worker["depends_on"]
+    assert worker["command"][2] == "spark://spark-master:7077"
     make_target = services["trainer"]["command"][1]
     assert re.search(rf"^{make_target}:", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert "outputs" in compose["volumes"]  # a named volume, not a folder of the checkout
 
 
-def test_dockerfile_installs_through_the_project_install_script():
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "install/setup_env.sh" in dockerfile and "openjdk-17" in dockerfile
+def test_compose_services_advertise_their_own_hostname_and_wait_for_healthy_dependencies():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name, service in services.items():
+        # Spark binds and advertises SPARK_LOCAL_IP: 0.0.0.0 cannot be reached from another container
+        assert service["hostname"] == name and service["environment"]["SPARK_LOCAL_IP"] == name, name
+        for dependency, condition in service.get("depends_on", {}).items():
+            assert condition == {"condition": "service_healthy"}, (name, dependency)
+            assert services[dependency]["healthcheck"]["test"], dependency
+    assert set(services["trainer"]["depends_on"]) == {"spark-master", "spark-worker"}
+    assert set(services["spark-worker"]["depends_on"]) == {"spark-master"}
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None and subprocess.run(
+    ["docker", "compose", "version"], capture_output=True).returncode != 0 if shutil.which("docker") else True,
+                    reason="no docker compose client here (docker compose plugin or docker-compose)")
+def test_docker_compose_config_accepts_the_file(tmp_path):
+    command = ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
+    result = subprocess.run([*command, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True,
+                            text=True, env={**os.environ, "DATA_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "condition: service_healthy" in result.stdout and "hostname: spark-worker" in result.stdout
+
+
+def test_dockerfile_caches_the_dependency_layer_across_code_changes():
+    lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
+    assert any("openjdk-17" in line for line in lines)
+    install = next(i for i, line in enumerate(lines) if "install/setup_env.sh" in line)
+    copy_all = next(i for i, line in enumerate(lines) if line.startswith("COPY . "))
+    copies_before = [line for line in lines[:install] if line.startswith("COPY")]
+    assert install < copy_all and copies_before, "dependencies must be installed before the source is copied"
+    # what the install script hashes and reads must be in the layers before it
+    assert {"install/", "setup.py"} <= {line.split()[1] for line in copies_before}
     assert Path(ROOT / "install" / "setup_env.sh").is_file()

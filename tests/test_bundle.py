@@ -1,0 +1,218 @@
+"""The Databricks bundle as `databricks bundle validate/deploy` reads it: every target resolved,
+each job loaded with databricks-bundles' resource classes (they refuse unknown fields), the
+wheel built exactly as the bundle's `artifacts` section says from a clean checkout, and every
+path it names present there. A deliberately broken copy must fail each check."""
+import glob
+import re
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from databricks.bundles.jobs import Job
+
+from conftest import ROOT
+
+DEDICATED = {"SINGLE_USER", "DATA_SECURITY_MODE_DEDICATED"}
+RUNTIME_REFERENCE = re.compile(r"\{\{[\w.]+\}\}")  # filled in by the Jobs service at run time, e.g. {{job.run_id}}
+PROD_VARIABLES = {"service_principal": "00000000-0000-0000-0000-000000000000"}
+
+
+def load_bundle(root: Path) -> tuple[dict, dict[str, Path]]:
+    """databricks.yml with its included files merged in; and where each job was defined (paths
+    in a bundle file are relative to that file)."""
+    bundle = yaml.safe_load((root / "databricks.yml").read_text())
+    defined_in = {}
+    for pattern in bundle.get("include", []):
+        for path in sorted(root.glob(pattern)):
+            part = yaml.safe_load(path.read_text())
+            unknown = set(part) - {"resources", "variables", "targets"}
+            assert not unknown, f"{path.name}: top-level keys a bundle does not know: {unknown}"
+            for name, job in part.get("resources", {}).get("jobs", {}).items():
+                bundle.setdefault("resources", {}).setdefault("jobs", {})[name] = job
+                defined_in[name] = path.parent
+    return bundle, defined_in
+
+
+def resolve(node, values: dict):
+    """${var.x}, ${bundle.name}, ${bundle.target} substituted everywhere; unknown ones fail."""
+    if isinstance(node, dict):
+        return {key: resolve(value, values) for key, value in node.items()}
+    if isinstance(node, list):
+        return [resolve(value, values) for value in node]
+    if isinstance(node, str):
+        def value(match):
+            assert match.group(1) in values, f"unknown reference ${{{match.group(1)}}}"
+            return str(values[match.group(1)])
+        return re.sub(r"\$\{([\w.]+)\}", value, node)
+    return node
+
+
+def target_view(bundle: dict, target: str) -> tuple[dict, dict[str, Job]]:
+    """(the target's settings, jobs by name) with the target's variables applied."""
+    settings = bundle["targets"][target]
+    variables = {name: spec.get("default") for name, spec in bundle["variables"].items()}
+    variables.update(settings.get("variables", {}))
+    if target == "prod":
+        variables.update(PROD_VARIABLES)
+    missing = [name for name, value in variables.items() if value is None]
+    assert not missing, f"target {target}: variables without a value {missing}"
+    values = {f"var.{name}": value for name, value in variables.items()}
+    values.update({"bundle.name": bundle["bundle"]["name"], "bundle.target": target})
+    resolved = resolve(bundle["resources"]["jobs"], values)
+    return resolve(settings, values), {name: Job.from_dict(job) for name, job in resolved.items()}
+
+
+def clean_checkout(tmp_path: Path) -> Path:
+    """The files git would give a fresh clone (tracked, plus new files not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    checkout = tmp_path / "checkout"
+    for name in listed:
+        if (ROOT / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    return checkout
+
+
+def build_artifacts(root: Path, bundle: dict) -> None:
+    for name, artifact in bundle["artifacts"].items():
+        subprocess.run(artifact["build"], shell=True, cwd=root / artifact["path"], check=True, capture_output=True)
+
+
+def problems(root: Path) -> list[str]:
+    """Everything that would stop `databricks bundle deploy` or make it deploy wrong."""
+    found = []
+    try:
+        bundle, defined_in = load_bundle(root)
+        views = {target: target_view(bundle, target) for target in bundle["targets"]}
+    except (AssertionError, ValueError, KeyError, TypeError) as exc:
+        return [f"does not load: {exc}"]
+    for target, (settings, jobs) in views.items():
+        for name, job in jobs.items():
+            for cluster in job.job_clusters:
+                mode = getattr(cluster.new_cluster.data_security_mode, "value", cluster.new_cluster.data_security_mode)
+                if mode not in DEDICATED:
+                    found.append(f"{target}/{name}/{cluster.job_cluster_key}: data_security_mode {mode}, not dedicated")
+            for task in job.tasks:
+                folder = defined_in[name]
+                if not (folder / task.spark_python_task.python_file).resolve().is_file():
+                    found.append(f"{name}/{task.task_key}: {task.spark_python_task.python_file} does not exist")
+                for library in task.libraries:
+                    if not glob.glob(str(folder / library.whl)):
+                        found.append(f"{name}/{task.task_key}: {library.whl} matches no built wheel")
+                    elif not (folder / library.whl).resolve().is_relative_to(root.resolve()):
+                        found.append(f"{name}/{task.task_key}: {library.whl} lies outside the bundle root")
+    return found
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    root = clean_checkout(tmp_path_factory.mktemp("bundle"))
+    build_artifacts(root, load_bundle(root)[0])
+    return root
+
+
+def test_the_bundle_deploys_as_written_from_a_clean_checkout(checkout):
+    assert problems(checkout) == []
+    (wheel,) = (checkout / "dist").glob("*.whl")  # built inside the bundle root, from setup.py
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "etl/preprocess.py" in names and "training/train.py" in names
+
+
+def test_targets_schedules_identity_and_results_table():
+    bundle, _ = load_bundle(ROOT)
+    dev_settings, dev = target_view(bundle, "dev")
+    prod_settings, prod = target_view(bundle, "prod")
+    assert set(prod) == set(dev) == {"cxr_etl_nightly", "cxr_train_weekly", "cxr_chexpert_selftrained"}
+    for jobs in (dev, prod):
+        for job in jobs.values():
+            assert job.schedule.timezone_id and job.email_notifications.on_failure and job.max_concurrent_runs == 1
+            assert all(task.max_retries >= 1 and task.timeout_seconds > 0 for task in job.tasks)
+    # schedules stay paused unless a target turns them on; only prod does, and never the on-demand job
+    assert {job.schedule.pause_status.value for job in dev.values()} == {"PAUSED"}
+    assert prod["cxr_etl_nightly"].schedule.pause_status.value == "UNPAUSED"
+    assert prod["cxr_train_weekly"].schedule.pause_status.value == "UNPAUSED"
+    assert prod["cxr_chexpert_selftrained"].schedule.pause_status.value == "PAUSED"
+    assert prod_settings["workspace"]["root_path"].startswith("/Workspace/")
+    assert prod_settings["run_as"]["service_principal_name"] == PROD_VARIABLES["service_principal"]
+    assert prod_settings["permissions"] and prod_settings["mode"] == "production"
+    # the AUROC rows go to a Unity Catalog table by name, not a folder in a volume
+    table = bundle["variables"]["results_table"]["default"]
+    assert re.fullmatch(r"\w+\.\w+\.\w+", table)
+    for job in (prod["cxr_train_weekly"], prod["cxr_chexpert_selftrained"]):
+        for task in job.tasks:
+            parameters = task.spark_python_task.parameters
+            if task.spark_python_task.python_file.endswith("train_distributor.py"):
+                assert parameters[parameters.index("--results-table") + 1] == table
+                assert parameters.index("--results-table") < parameters.index("--")  # the driver publishes
+
+
+def test_self_trained_job_chains_first_pass_relabel_second_pass_on_the_same_files():
+    _, jobs = target_view(load_bundle(ROOT)[0], "dev")
+    first, relabel, second = jobs["cxr_chexpert_selftrained"].tasks
+    assert [d.task_key for d in relabel.depends_on] == ["first_pass"]
+    assert [d.task_key for d in second.depends_on] == ["relabel"]
+    first_args, relabel_args, second_args = (t.spark_python_task.parameters for t in (first, relabel, second))
+    assert "--predict-train" in first_args and relabel.spark_python_task.python_file.endswith("etl/uncertainty.py")
+    run_dir = f"{first_args[first_args.index('--output-dir') + 1]}/{first_args[first_args.index('--run-id') + 1]}"
+    assert relabel_args[relabel_args.index("--predictions") + 1] == f"{run_dir}/predictions_finetune_train.csv"
+    assert relabel_args[relabel_args.index("--dataset") + 1] == first_args[first_args.index("--dataset") + 1]
+    assert second_args[second_args.index("--dataset") + 1] == relabel_args[relabel_args.index("--output") + 1]
+    assert all(not RUNTIME_REFERENCE.sub("", a).count("{") for a in first_args)
+
+
+def break_unknown_field(root: Path) -> None:
+    path = root / "jobs" / "cxr_jobs.yml"
+    path.write_text(path.read_text().replace("max_concurrent_runs: 1", "max_concurrent_runs: 1\n      retries_forever: true", 1))
+
+
+def break_missing_path(root: Path) -> None:
+    (root / "etl" / "uncertainty.py").unlink()
+
+
+def break_cluster_mode(root: Path) -> None:
+    path = root / "jobs" / "cxr_jobs.yml"
+    path.write_text(path.read_text().replace("            data_security_mode: SINGLE_USER\n", "", 1))
+
+
+def break_wheel_location(root: Path) -> None:
+    path = root / "databricks.yml"
+    path.write_text(path.read_text().replace("-w dist .", "-w ../dist ."))
+    shutil.rmtree(root / "dist")
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (break_unknown_field, "Unexpected field 'retries_forever'"),
+    (break_missing_path, "etl/uncertainty.py does not exist"),
+    (break_cluster_mode, "data_security_mode None, not dedicated"),
+    (break_wheel_location, "matches no built wheel"),
+])
+def test_a_broken_copy_of_the_bundle_is_caught(checkout, tmp_path, damage, expected):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkout, broken)
+    damage(broken)
+    if (broken / "dist").exists():
+        shutil.rmtree(broken / "dist")
+    build_artifacts(broken, load_bundle(broken)[0])
+    found = problems(broken)
+    assert any(expected in problem for problem in found), found
+
+
+def test_a_catalog_table_is_written_by_the_driver_from_the_run_folder(tmp_path):
+    """train.py never needs Spark: given a Unity Catalog name, the job entry point sends its rows
+    to RUN_DIR/results_delta (with a run id fixed in advance) and appends them from the driver."""
+    from jobs.train_distributor import with_run_folder_table
+    from training.results import append_results, is_table_name
+
+    args, staging, run_id = with_run_folder_table(["--dataset", "d", "--output-dir", str(tmp_path / "runs")])
+    assert staging == str(tmp_path / "runs" / run_id / "results_delta")
+    assert args[-4:] == ["--run-id", run_id, "--results-table", staging]
+    kept, _, same = with_run_folder_table(["--output-dir", str(tmp_path), "--run-id", "nightly-7"])
+    assert same == "nightly-7" and kept.count("--run-id") == 1
+    assert is_table_name("main.cxr.auroc_results") and is_table_name("cxr.auroc")
+    assert not is_table_name("/Volumes/main/cxr/results") and not is_table_name("outputs/results_delta")
+    with pytest.raises(ValueError, match="--results-engine delta-spark"):
+        append_results("main.cxr.auroc_results", [{"run_id": "r", "label": "mean"}])
