@@ -166,7 +166,8 @@ def test_self_trained_job_chains_first_pass_relabel_second_pass_on_the_same_file
 
 def break_unknown_field(root: Path) -> None:
     path = root / "jobs" / "cxr_jobs.yml"
-    path.write_text(path.read_text().replace("max_concurrent_runs: 1", "max_concurrent_runs: 1\n      retries_forever: true", 1))
+    text = path.read_text().replace("max_concurrent_runs: 1", "max_concurrent_runs: 1\n      retries_forever: true", 1)
+    path.write_text(text)
 
 
 def break_missing_path(root: Path) -> None:

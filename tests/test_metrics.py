@@ -20,6 +20,9 @@ def test_auroc_matches_pairwise_definition_and_mean_skips_undefined_labels():
         assert rows[index]["n_pos"] == labels[:, index].sum()
     assert rows[2]["auroc"] is None and rows[2]["n_neg"] == 200
     assert mean_auroc(rows) == (rows[0]["auroc"] + rows[1]["auroc"]) / 2
+    prevalence = labels[:, :2].mean(axis=0)  # label c has no AUROC and no weight
+    weighted = (rows[0]["auroc"] * prevalence[0] + rows[1]["auroc"] * prevalence[1]) / prevalence.sum()
+    assert abs(rows[-1]["auroc_weighted"] - weighted) < 1e-12 and "auroc_weighted" not in rows[0]
 
 
 def test_vectorised_bootstrap_equals_a_slow_per_resample_reference():

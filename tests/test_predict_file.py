@@ -77,6 +77,16 @@ def test_files_and_the_etl_dataset_give_the_same_probabilities(nih_dataset, tmp_
     assert np.abs(from_parquet[labels].to_numpy(float) - from_files[labels].to_numpy(float)).max() < 1e-6
 
 
+def test_overlays_for_the_three_most_probable_labels(nih_dataset, tmp_path):
+    spec = read_dataset_spec(nih_dataset)
+    image = sorted(require(NIH / "images").glob("*.png"))[0]
+    rows = predict(["--checkpoint", str(save_checkpoint(tmp_path / "best.pth", spec)), str(image),
+                    "--overlay-dir", str(tmp_path / "overlays")])
+    top3 = rows[list(spec.label_names)].iloc[0].astype(float).sort_values(ascending=False, kind="stable").index[:3]
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == sorted(f"{image.stem}_{label}.png"
+                                                                              for label in top3)
+
+
 def test_predict_cli_help_and_a_size_mismatch(nih_dataset, tmp_path):
     assert "one row per input image" in run_cli(BIN / "python", "-m", "training.predict", "--help").stdout
     spec = dataclasses.replace(read_dataset_spec(nih_dataset), image_size=32)

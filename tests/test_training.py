@@ -65,6 +65,7 @@ def test_single_process_two_stages_and_appends_to_delta(nih_dataset, tmp_path):
     assert page.count("<img src=\"data:image/png;base64,") == 9
     assert page.count("operating points</h2>") == 2 and page.count("calibration</h2>") == 2
     summary = pd.read_csv(second / "summary.csv")
+    assert summary["val_loss"].gt(0).all() and summary["val_loss"].lt(float("inf")).all()  # val loss per epoch
     assert summary.loc[summary["stage"] == "finetune", "lr"].tolist() == pytest.approx([0.01, 0.001])
 
 

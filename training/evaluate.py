@@ -89,7 +89,9 @@ def print_report(title: str, report: list[dict], aligned: Aligned) -> None:
     for row in report:
         value = "    -" if row["auroc"] is None else (
             f"{row['auroc']:.4f} [{row['auroc_ci_low']:.4f}, {row['auroc_ci_high']:.4f}]")
-        print(f"  {row['label']:<28} {value}  n+={row['n_pos']} n-={row['n_neg']}")
+        weighted = row.get("auroc_weighted")
+        weighted = "" if weighted is None else f"  prevalence-weighted {weighted:.4f}"
+        print(f"  {row['label']:<28} {value}  n+={row['n_pos']} n-={row['n_neg']}{weighted}")
 
 
 def is_probability(scores: np.ndarray) -> bool:
@@ -125,8 +127,8 @@ def result_rows(report: list[dict], split: str, source: str, model: str) -> list
     run_id = datetime.now(timezone.utc).strftime("eval-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     created = datetime.now(timezone.utc)
     return [{"run_id": run_id, "created_at": created, "dataset": source, "model": model, "stage": "external",
-             "split": split, **{k: row[k] for k in ("label", "auroc", "auroc_ci_low", "auroc_ci_high", "n_pos",
-                                                     "n_neg")},
+             "split": split, **{k: row.get(k) for k in ("label", "auroc", "auroc_ci_low", "auroc_ci_high",
+                                                         "auroc_weighted", "n_pos", "n_neg")},
              "model_config": json.dumps({"evaluated": model})} for row in report]
 
 

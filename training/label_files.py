@@ -81,7 +81,7 @@ def read_labels(path: str | Path, score_suffix: str = "") -> tuple[pd.DataFrame,
         truth = pd.DataFrame(vectors.tolist(), columns=list(nih.LABEL_NAMES), index=frame.index)
         label_names = list(nih.LABEL_NAMES)
     else:
-        label_names = [c for c in frame.columns if c not in (ids, *PATIENT_COLUMNS) and not _is_metadata(c)
+        label_names = [c for c in frame.columns if not _is_metadata(c)
                        and not (score_suffix and c.endswith(score_suffix))]
         text = frame[label_names].apply(lambda column: column.str.strip())
         truth = text.apply(pd.to_numeric, errors="coerce")
@@ -115,8 +115,10 @@ def read_labels(path: str | Path, score_suffix: str = "") -> tuple[pd.DataFrame,
 
 
 def _is_metadata(column: str) -> bool:
-    """CheXpert's non-label columns (Sex, Age, Frontal/Lateral, AP/PA) and an optional split."""
-    return canonical(column) in {"sex", "age", "frontallateral", "appa", "split", "viewposition"}
+    """Columns that are neither labels nor scores: ids, patients, CheXpert's Sex, Age,
+    Frontal/Lateral and AP/PA, a split, and what training.predict writes beside its scores."""
+    return (column in (*ID_COLUMNS, *PATIENT_COLUMNS, ERROR_COLUMN) or column.endswith(DECISION_SUFFIX)
+            or canonical(column) in {"sex", "age", "frontallateral", "appa", "split", "viewposition"})
 
 
 def read_predictions(path: str | Path, label_names: list[str], suffix: str = "") -> tuple[pd.DataFrame, dict, list]:
@@ -132,8 +134,7 @@ def read_predictions(path: str | Path, label_names: list[str], suffix: str = "")
                          f"e.g. {frame.loc[failed, ids].iloc[0]!r}: {frame.loc[failed, ERROR_COLUMN].iloc[0]}")
         frame = frame[~failed].reset_index(drop=True)
     candidates = {c: canonical(c[: len(c) - len(suffix)] if suffix else c) for c in frame.columns
-                  if c not in (*ID_COLUMNS, *PATIENT_COLUMNS, ERROR_COLUMN) and c.endswith(suffix)
-                  and not c.endswith(DECISION_SUFFIX)}
+                  if not _is_metadata(c) and c.endswith(suffix)}
     by_key = {key: column for column, key in candidates.items()}
     columns = {name: by_key[canonical(name)] for name in label_names if canonical(name) in by_key}
     unmatched = [c for c in candidates if c not in columns.values()]
@@ -166,15 +167,11 @@ def _match_ids(predicted: pd.Index, labelled: pd.Index) -> tuple[pd.Index, str |
     return predicted, None
 
 
-def align(predictions_path, labels_path, suffix: str = "", require_labels: list[str] | None = None) -> Aligned:
+def align(predictions_path, labels_path, suffix: str = "") -> Aligned:
     """Truth and scores of every predicted image, for the labels both files have."""
     truth, label_names, notes = read_labels(labels_path, suffix)
     scores, columns, prediction_notes = read_predictions(predictions_path, label_names, suffix)
     notes += prediction_notes
-    if require_labels:
-        missing = [n for n in require_labels if canonical(n) not in {canonical(c) for c in columns}]
-        if missing:
-            raise SystemExit(f"{predictions_path} has no score column for {missing}")
     if not columns:
         raise SystemExit(f"{predictions_path} has no column matching a label of {labels_path} "
                          f"({label_names}{f', with suffix {suffix!r}' if suffix else ''})")

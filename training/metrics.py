@@ -20,7 +20,8 @@ def known(truth: np.ndarray) -> np.ndarray:
 
 def per_label_auroc(labels: np.ndarray, scores: np.ndarray, label_names) -> list[dict]:
     """One dict per label (auroc None where a label lacks positives or negatives), then the
-    unweighted mean over labels that have an AUROC, as label 'mean'."""
+    unweighted mean over labels that have an AUROC, as label 'mean', which also carries
+    `auroc_weighted`: the mean weighted by each label's prevalence (papers report both)."""
     rows = []
     for index, name in enumerate(label_names):
         truth = labels[:, index]
@@ -29,10 +30,12 @@ def per_label_auroc(labels: np.ndarray, scores: np.ndarray, label_names) -> list
         rows_known = known(truth)
         auroc = float(roc_auc_score(truth[rows_known], scores[rows_known, index])) if n_pos and n_neg else None
         rows.append({"label": name, "auroc": auroc, "n_pos": n_pos, "n_neg": n_neg})
-    defined = [row["auroc"] for row in rows if row["auroc"] is not None]
+    aurocs = [row["auroc"] for row in rows if row["auroc"] is not None]
+    prevalence = [row["n_pos"] / (row["n_pos"] + row["n_neg"]) for row in rows if row["auroc"] is not None]
     rows.append({
         "label": MEAN_LABEL,
-        "auroc": float(np.mean(defined)) if defined else None,
+        "auroc": float(np.mean(aurocs)) if aurocs else None,
+        "auroc_weighted": float(np.average(aurocs, weights=prevalence)) if aurocs else None,
         "n_pos": sum(row["n_pos"] for row in rows),
         "n_neg": sum(row["n_neg"] for row in rows),
     })

@@ -36,14 +36,18 @@ def roc_curves(labels: np.ndarray, scores: np.ndarray, report: list[dict], path:
 
 
 def training_curves(summary_csv: Path, path: Path) -> None:
-    """Train loss and validation mean AUROC per epoch, stages one after another."""
+    """Train and validation loss, and validation mean AUROC, per epoch, stages one after another
+    (a val loss that turns up while the train loss falls is over-fitting)."""
     with summary_csv.open() as handle:
         rows = list(csv.DictReader(handle))
     steps = np.arange(1, len(rows) + 1)
     figure, (loss_axes, auroc_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axes.plot(steps, [float(r["train_loss"]) for r in rows], marker="o")
+    loss_axes.plot(steps, [float(r["train_loss"]) for r in rows], marker="o", label="train")
+    loss_axes.plot(steps, [float(r["val_loss"]) if r.get("val_loss") else np.nan for r in rows], marker="o",
+                   label="val")
+    loss_axes.legend(fontsize=8)
     auroc_axes.plot(steps, [float(r["val_mean_auroc"]) if r["val_mean_auroc"] else np.nan for r in rows], marker="o")
-    for axes, name in ((loss_axes, "train loss"), (auroc_axes, "validation mean AUROC")):
+    for axes, name in ((loss_axes, "loss"), (auroc_axes, "validation mean AUROC")):
         axes.set(xlabel="epoch", ylabel=name, title=name)
         axes.set_xticks(steps, [f"{r['stage']} {r['epoch']}" for r in rows], rotation=45, fontsize=7)
         for boundary in np.flatnonzero([a["stage"] != b["stage"] for a, b in zip(rows, rows[1:])]):

@@ -40,6 +40,7 @@ from training.targets import LabelLayout
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 LIST_SUFFIXES = (".txt", ".lst")
+TOP_LABELS = 3  # overlays per image without --label
 log = logging.getLogger("predict")
 
 
@@ -170,7 +171,8 @@ def predict_rows(scorer: Scorer, batches, total: int, extra_inputs: tuple = ()) 
 
 def write_overlays(scorer: Scorer, paths: list[tuple[str, Path]], folder: Path, label: str | None, cam: str | None,
                    extra_inputs: tuple) -> None:
-    """A Grad-CAM overlay PNG per readable image, for `label` or its most probable label."""
+    """Grad-CAM overlay PNGs per readable image: for `label`, or for its TOP_LABELS most probable
+    labels (as report 004 shows them), named <image>_<label>.png."""
     folder.mkdir(parents=True, exist_ok=True)
     names = scorer.spec.label_names
     for _, path in paths:
@@ -179,11 +181,12 @@ def write_overlays(scorer: Scorer, paths: list[tuple[str, Path]], folder: Path, 
         except (ImageError, OSError):
             continue
         images = model_input(torch.from_numpy(grey[None, None].copy()), scorer.spec)
-        chosen = label or names[int(np.argmax(scorer.probabilities(images, extra_inputs)[0]))]
-        heatmap = class_activation_map(scorer.model, target_layer(scorer.model, scorer.model_name), images,
-                                       scorer.layout.positive_logit(names.index(chosen)),
-                                       cam or default_method(scorer.model_name), extra_inputs)[0]
-        Image.fromarray(overlay(grey, heatmap)).save(folder / f"{path.stem}_{chosen}.png")
+        ranked = np.argsort(-scorer.probabilities(images, extra_inputs)[0], kind="stable")
+        for chosen in [label] if label else [names[j] for j in ranked[:TOP_LABELS]]:
+            heatmap = class_activation_map(scorer.model, target_layer(scorer.model, scorer.model_name), images,
+                                           scorer.layout.positive_logit(names.index(chosen)),
+                                           cam or default_method(scorer.model_name), extra_inputs)[0]
+            Image.fromarray(overlay(grey, heatmap)).save(folder / f"{path.stem}_{chosen}.png")
 
 
 def print_rows(rows: pd.DataFrame, scorer: Scorer) -> None:
@@ -208,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", action="append", choices=SPLITS,
                         help="with an ETL dataset: the split(s) to score (default: all)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--overlay-dir", help="write a heatmap overlay PNG per image here")
-    parser.add_argument("--label", help="label of the overlays (default: each image's most probable label)")
+    parser.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs here, <image>_<label>.png")
+    parser.add_argument("--label", help=f"label of the overlays (default: each image's {TOP_LABELS} most probable "
+                                        "labels)")
     parser.add_argument("--cam", choices=METHODS,
                         help="heatmap method (default: gradcam; hirescam for small_cnn and the VGGs, whose heads "
                              "keep position)")

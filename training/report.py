@@ -18,8 +18,9 @@ import pandas as pd
 
 from training.results import latest_run, read_results
 
-DETAIL_COLUMNS = ["label", "auroc", "auroc_ci_low", "auroc_ci_high", "n_pos", "n_neg", "threshold", "accuracy",
-                  "precision", "recall", "specificity", "f1", "tp", "fp", "fn", "tn", "brier", "ece"]
+DETAIL_COLUMNS = ["label", "auroc", "auroc_ci_low", "auroc_ci_high", "auroc_weighted", "n_pos", "n_neg",
+                  "threshold", "accuracy", "precision", "recall", "specificity", "f1", "tp", "fp", "fn", "tn",
+                  "brier", "ece"]
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}th{background:#eee}
 tr.this{background:#fff3c4}img{max-width:48%;margin:4px;border:1px solid #ddd}code{background:#f4f4f4}"""
@@ -135,6 +136,8 @@ def render(results: pd.DataFrame, run_id: str | None = None) -> str:
                + sorted(run_dir.glob("training_curves.png")))
     if figures:
         parts.append("<h2>Figures</h2>" + "".join(image_tag(path) for path in figures))
+    if (run_dir / "filters" / "index.html").exists():  # python -m training.filters --output RUN_DIR/filters
+        parts.append("<p><a href='filters/index.html'>Learned 3x3 kernels, layer by layer</a></p>")
     table = comparison(results)
     parts.append(f"<h2>All runs in the table ({table['run_id'].nunique()})</h2><p>Mean AUROC per run, stage and "
                  "split, best first within each dataset and split; this run highlighted.</p>"

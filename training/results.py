@@ -30,6 +30,7 @@ RESULT_SCHEMA = pa.schema([
     ("auroc", pa.float64()),
     ("auroc_ci_low", pa.float64()),
     ("auroc_ci_high", pa.float64()),
+    ("auroc_weighted", pa.float64()),  # label 'mean' only: the mean weighted by each label's prevalence
     ("n_pos", pa.int64()),
     ("n_neg", pa.int64()),
     # at the label's threshold chosen on validation by the run's operating-point policy

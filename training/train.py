@@ -63,6 +63,7 @@ class Predictions:
     patient_ids: list[str]
     scores: np.ndarray  # (N, L) probabilities
     labels: np.ndarray  # (N, L) truth: 1, 0, or NaN where unknown (training.targets.LabelLayout.truth)
+    loss: float | None = None  # the training loss on these rows (per-image mean), to see over-fitting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,17 +274,21 @@ class Trainer:
                              self.dist.size, pool=self.args.reader_pool, workers=self.args.reader_workers,
                              with_metadata=self.fused)
         image_ids, patient_ids, scores, labels = [], [], [], []
+        loss_sum = 0.0
         for batch in prefetch(reader):
             logits = self.precision.forward(model, batch.images.to(self.device), *self.extra_inputs(batch))
+            loss = self.loss_fn(logits, batch.labels.to(self.device), batch.mask.to(self.device))
+            loss_sum += loss.item() * len(batch.image_ids)
             scores.append(self.layout.probabilities(logits).cpu().numpy())
             labels.append(self.layout.truth(batch.labels.numpy(), batch.mask.numpy()))
             image_ids.extend(batch.image_ids)
             patient_ids.extend(batch.patient_ids)
         empty = np.zeros((0, self.spec.num_labels), dtype=np.float32)
         shards = self.dist.allgather_object(
-            (image_ids, patient_ids, np.concatenate(scores or [empty]), np.concatenate(labels or [empty])))
+            (image_ids, patient_ids, np.concatenate(scores or [empty]), np.concatenate(labels or [empty]), loss_sum))
         gathered = Predictions([i for s in shards for i in s[0]], [p for s in shards for p in s[1]],
-                               np.concatenate([s[2] for s in shards]), np.concatenate([s[3] for s in shards]))
+                               np.concatenate([s[2] for s in shards]), np.concatenate([s[3] for s in shards]),
+                               sum(s[4] for s in shards) / max(sum(len(s[0]) for s in shards), 1))
         expected = split_row_count(self.args.dataset, split)
         if len(gathered.image_ids) != expected or len(set(gathered.image_ids)) != expected:
             raise RuntimeError(f"{split}: gathered {len(gathered.image_ids)} predictions "
@@ -316,11 +321,12 @@ class Trainer:
             improved = val_auroc is not None and val_auroc > best_auroc
             if improved:
                 best_auroc, best_epoch, best_state = val_auroc, epoch, copy.deepcopy(model.state_dict())
-            log.info("%s epoch %d/%d: loss %.4f, val mean AUROC %s%s, %.1f img/s, waiting for data %.1f%% of the time",
-                     stage, epoch, epochs, stats["train_loss"], "n/a" if val_auroc is None else f"{val_auroc:.4f}",
+            log.info("%s epoch %d/%d: loss %.4f, val loss %.4f, val mean AUROC %s%s, %.1f img/s, waiting for data "
+                     "%.1f%% of the time", stage, epoch, epochs, stats["train_loss"], val.loss,
+                     "n/a" if val_auroc is None else f"{val_auroc:.4f}",
                      " (best)" if improved else "", stats["images_per_second"], 100 * stats["data_wait_fraction"])
             if dist.is_main:
-                self.record_epoch(stage, epoch, stats, val_auroc)
+                self.record_epoch(stage, epoch, stats, val.loss, val_auroc)
                 if improved:
                     checkpoints.save(self.model_entry(best_state, stage, epoch, val_auroc),
                                      self.run_dir / f"best_{stage}.pth")
@@ -352,8 +358,8 @@ class Trainer:
         for worse in saved[self.args.keep_epochs:]:
             checkpoints.remove(worse)
 
-    def record_epoch(self, stage, epoch, stats, val_auroc) -> None:
-        row = {"stage": stage, "epoch": epoch, **stats, "val_mean_auroc": val_auroc}
+    def record_epoch(self, stage, epoch, stats, val_loss, val_auroc) -> None:
+        row = {"stage": stage, "epoch": epoch, **stats, "val_loss": val_loss, "val_mean_auroc": val_auroc}
         path = self.run_dir / "summary.csv"
         new = not path.exists()
         with path.open("a", newline="") as handle:
@@ -415,8 +421,9 @@ class Trainer:
             self.save_predictions(stage, split, calibrated)
             title = f"{args.model}, {stage} (best epoch {best_epoch}), {split}: {len(predictions.image_ids)} images"
             roc_curves(predictions.labels, scores, metrics, self.run_dir / f"roc_{stage}_{split}.png", title)
+            fitted = ", ".join(sorted({state["method"] for state in calibrators or [{"method": "none"}]}))
             reliability_diagram(predictions.labels, {"before calibration": predictions.scores,
-                                                     f"after ({args.calibration}, fitted on val)": scores},
+                                                     f"after ({fitted}, fitted on val)": scores},
                                 self.spec.label_names, self.run_dir / f"reliability_{stage}_{split}.png", title)
             self.log_split(stage, best_epoch, split, metrics[-1], chosen)
         if train is not None:
