@@ -53,6 +53,13 @@ def test_threshold_sits_in_the_middle_of_the_gap_between_scores():
     assert choose_threshold(truth, scores, Policy.parse("youden")) == pytest.approx(0.4)
 
 
+def test_a_specificity_no_cut_reaches_calls_nothing_positive():
+    truth = np.array([0, 0, 1, 0, 1.0])
+    scores = np.array([0.9, 0.9, 0.9, 0.2, 0.1])  # the top score is shared by two negatives
+    threshold = choose_threshold(truth, scores, Policy.parse("spec>=0.9"))
+    assert not (scores >= threshold).any()
+
+
 def test_prevalence_policy_is_bayes_rule_on_the_odds():
     truth = np.array([1.0] * 75 + [0.0] * 25)  # val prevalence 0.75
     scores = np.linspace(0, 1, 100)

@@ -85,7 +85,7 @@ def choose_threshold(truth: np.ndarray, scores: np.ndarray, policy: Policy) -> f
     else:  # spec>=X: the last (lowest) cut that keeps specificity
         meets = np.flatnonzero(specificity >= policy.value - 1e-12)
         if not len(meets):
-            return float(thresholds[0] + 1e-3)  # even the top score is too many false positives
+            return float(scores.max() + 1e-6)  # even the top score has too many negatives: call none positive
         best = int(meets[-1])
     return float(thresholds[best])
 
