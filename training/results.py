@@ -69,7 +69,8 @@ def append_results(table_uri: str, rows: list[dict], engine: str = "deltalake") 
     if engine == "deltalake":
         if is_table_name(table_uri):
             raise ValueError(f"{table_uri!r} is a catalog table name: write it with --results-engine delta-spark "
-                             "(a Spark session with Delta, as on Databricks), or give a folder path")
+                             "(a Spark session with Delta, as on Databricks), or give a folder path (./NAME for a folder "
+                             "here)")
         from deltalake import write_deltalake
 
         write_deltalake(table_uri, table, mode="append", schema_mode="merge")  # tables from before new columns
