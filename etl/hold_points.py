@@ -1,8 +1,9 @@
 """Named points where a job can be held, so fault tests act at an exact moment, not a guess.
 
-With `CXR_HOLD_AT=NAME@FILE` in its environment, a job that reaches the point NAME creates
-FILE (holding its pid) and waits while FILE exists. A test waits for FILE, does its damage
-(kills a process), then deletes FILE. Without the variable a point does nothing. Points:
+With `CXR_HOLD_AT=NAME@PIPE` in its environment (PIPE a named pipe the test made with
+os.mkfifo), a job that reaches the point NAME writes its pid into PIPE, which wakes the test
+blocked reading it, then blocks until the test opens PIPE for writing and closes it. No side
+polls: each waits in open()/read(). Without the variable a point does nothing. Points:
 
 - `etl:before-commit`: the dataset is complete in its staging folder, not yet renamed into place.
 - `train:<stage>:<epoch>`: rank 0 has saved checkpoint.pth after that epoch.
@@ -10,16 +11,15 @@ FILE (holding its pid) and waits while FILE exists. A test waits for FILE, does 
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
 
 VARIABLE = "CXR_HOLD_AT"
 
 
 def hold_at(name: str) -> None:
-    point, _, marker = os.environ.get(VARIABLE, "").partition("@")
-    if point != name or not marker:
+    point, _, pipe = os.environ.get(VARIABLE, "").partition("@")
+    if point != name or not pipe:
         return
-    Path(marker).write_text(str(os.getpid()))
-    while os.path.exists(marker):
-        time.sleep(0.05)
+    with open(pipe, "w") as reached:  # blocks until the test is listening
+        reached.write(f"{os.getpid()}\n")
+    with open(pipe) as release:  # blocks until the test lets the job go on
+        release.read()

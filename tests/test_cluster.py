@@ -2,9 +2,7 @@
 import json
 import socket
 import subprocess
-import time
-import urllib.request
-
+import threading
 from pathlib import Path
 
 import pyspark
@@ -14,6 +12,9 @@ from conftest import BIN, NIH, ROOT
 from test_faults import dataset_content
 
 SPARK_CLASS = Path(pyspark.__file__).parent / "bin" / "spark-class"
+
+
+REGISTERED = "Successfully registered with master"
 
 
 def free_port() -> int:
@@ -26,25 +27,32 @@ def free_port() -> int:
 def standalone_master(tmp_path_factory):
     port, ui = free_port(), free_port()
     logs = tmp_path_factory.mktemp("spark-cluster")
-    master_log, worker_log = (logs / "master.log").open("w"), (logs / "worker.log").open("w")
+    master_log = (logs / "master.log").open("w")
     master = subprocess.Popen([SPARK_CLASS, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                "--port", str(port), "--webui-port", str(ui)], stdout=master_log, stderr=master_log)
     worker = subprocess.Popen([SPARK_CLASS, "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
                                "--host", "127.0.0.1", "--cores", "2", "--memory", "2g", "--webui-port",
-                               str(free_port()), "--work-dir", str(logs / "work")], stdout=worker_log,
-                              stderr=worker_log)
+                               str(free_port()), "--work-dir", str(logs / "work")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    joined, settled = [], threading.Event()  # settled: the worker joined, or its output ended
+
+    def follow_worker_log():
+        """Copy the worker's output to worker.log and signal the line saying it joined the master
+        (the worker retries the connection itself until the master listens)."""
+        with (logs / "worker.log").open("w") as log:
+            for line in worker.stdout:
+                log.write(line)
+                log.flush()
+                if REGISTERED in line:
+                    joined.append(line)
+                    settled.set()
+        settled.set()
+
+    threading.Thread(target=follow_worker_log, daemon=True).start()
     try:
-        deadline = time.monotonic() + 300  # a guard against a hang only: the test waits for the event
-        while True:
-            try:
-                state = json.load(urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2))
-                if any(w["state"] == "ALIVE" for w in state.get("workers", [])):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the standalone worker did not register within 300 s; see {logs}")
-            time.sleep(0.5)
+        # Waits for the worker's own signal; the timeout only guards against a hang.
+        if not settled.wait(300) or not joined:
+            pytest.fail(f"the standalone worker did not register with the master; see {logs}")
         yield f"spark://127.0.0.1:{port}"
     finally:
         for process in (worker, master):

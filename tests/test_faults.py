@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pandas as pd
@@ -70,17 +71,33 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
     assert sha256(good) == before
 
 
-def wait_for(marker, process, timeout=600):
-    """Block until `process` reaches its hold point (it creates `marker`); the timeout only
-    guards against a hang, the test acts on the event itself."""
+def hold_pipe(tmp_path):
+    """The named pipe a job signals through when it reaches its hold point (etl/hold_points.py)."""
+    pipe = tmp_path / "hold"
+    os.mkfifo(pipe)
+    return pipe
+
+
+def wait_for(pipe, process, timeout=600):
+    """Block until `process` reaches its hold point: a reader thread waits in open()/read() for
+    the job's signal. The 1-s join only notices a job that died first; the timeout only guards
+    against a hang."""
+    signalled = []
+    reader = threading.Thread(target=lambda: signalled.append(pipe.read_text()), daemon=True)
+    reader.start()
     deadline = time.monotonic() + timeout
-    while not marker.exists():
-        if process.poll() is not None:
-            pytest.fail(f"the job exited ({process.returncode}) before reaching its hold point")
-        if time.monotonic() > deadline:
+    while reader.is_alive():
+        reader.join(1.0)
+        if reader.is_alive() and (process.poll() is not None or time.monotonic() > deadline):
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # end the reader's wait
             process.kill()
-            pytest.fail(f"the job did not reach its hold point within {timeout} s")
-        time.sleep(0.05)
+            pytest.fail(f"the job did not reach its hold point (exit code {process.poll()})")
+    assert signalled and signalled[0].strip().isdigit(), signalled
+
+
+def release(pipe):
+    """Let a held job go on."""
+    pipe.write_text("")
 
 
 def rank_pid(parent: int, rank: int) -> int | None:
@@ -106,14 +123,14 @@ def test_rank_killed_mid_run_then_resumed_ends_like_an_uninterrupted_run(nih_dat
     baseline = read_results(str(tmp_path / "a" / "results"))
 
     args = [str(a) for a in command + train_args(nih_dataset, tmp_path / "b", *extra)]
-    marker = tmp_path / "held"
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", VARIABLE: f"train:finetune:1@{marker}"}
+    pipe = hold_pipe(tmp_path)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", VARIABLE: f"train:finetune:1@{pipe}"}
     launcher = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_for(marker, launcher)  # rank 0 has saved epoch 1 and holds; rank 1 waits for it in a collective
+    wait_for(pipe, launcher)  # rank 0 has saved epoch 1 and holds; rank 1 waits for it in a collective
     victim = rank_pid(launcher.pid, 1)
     assert victim is not None, "rank 1 not found"
     os.kill(victim, signal.SIGKILL)
-    marker.unlink()  # let rank 0 go on: its next collective meets the dead rank
+    release(pipe)  # rank 0 goes on: its next collective meets the dead rank
     output = launcher.communicate(timeout=300)[0].decode(errors="replace")
     assert launcher.returncode != 0, output[-3000:]
     (summary,) = (tmp_path / "b" / "runs").glob("*/summary.csv")
@@ -149,10 +166,10 @@ def test_etl_killed_half_way_leaves_no_partial_output(tmp_path):
     output = tmp_path / "out"
     args = [BIN / "spark-submit", "--master", "local[2]", "etl/preprocess.py", "--source", "nih",
             "--data-root", NIH, "--labels-csv", NIH / "Data_Entry_sample.csv", "--output", output, "--size", 512]
-    marker = tmp_path / "held"
+    pipe = hold_pipe(tmp_path)
     job = subprocess.Popen([str(a) for a in args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True, env={**os.environ, VARIABLE: f"etl:before-commit@{marker}"})
-    wait_for(marker, job)  # every file is written to the staging folder; the rename has not happened
+                           start_new_session=True, env={**os.environ, VARIABLE: f"etl:before-commit@{pipe}"})
+    wait_for(pipe, job)  # every file is written to the staging folder; the rename has not happened
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     (staging,) = tmp_path.glob("out.tmp-*")
