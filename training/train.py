@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -394,7 +394,7 @@ class Trainer:
         created = datetime.now(timezone.utc)
         for split, predictions in raw.items():
             scores = calibration.apply(calibrators, predictions.scores)
-            calibrated = Predictions(predictions.image_ids, predictions.patient_ids, scores, predictions.labels)
+            calibrated = replace(predictions, scores=scores)
             metrics = auroc_report(predictions.labels, scores, predictions.patient_ids, self.spec.label_names,
                                    args.bootstrap, args.seed)
             operating = operating_table(predictions.labels, scores, predictions.patient_ids, self.spec.label_names,
@@ -427,9 +427,8 @@ class Trainer:
                                 self.spec.label_names, self.run_dir / f"reliability_{stage}_{split}.png", title)
             self.log_split(stage, best_epoch, split, metrics[-1], chosen)
         if train is not None:
-            self.save_predictions(stage, "train", Predictions(train.image_ids, train.patient_ids,
-                                                              calibration.apply(calibrators, train.scores),
-                                                              train.labels))
+            self.save_predictions(stage, "train",
+                                  replace(train, scores=calibration.apply(calibrators, train.scores)))
         write_csv(self.run_dir / f"operating_points_{stage}.csv", operating_rows)
         write_csv(self.run_dir / f"calibration_{stage}.csv", calibration_rows)
         if rows:
