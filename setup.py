@@ -25,6 +25,9 @@ setup(
     ],
     extras_require={
         "etl": ["pyspark>=3.5,<4.1"],  # pyspark 4.1+ requires pyarrow >= 18
+        # optional faster PNG/JPEG decode + resize (etl/images.py; Pillow stays the fallback). An extra,
+        # not a base requirement: runtimes that ship opencv-python would get a second cv2. 4.12+ needs numpy 2.
+        "opencv": ["opencv-python-headless>=4.11,<4.12"],
         # training-only: the ML runtimes ship these; petastorm 0.13.1 needs pyarrow < 15
         "train": ["torch>=2.1", "torchvision", "scikit-learn", "deltalake>=1.0", "tqdm", "matplotlib",
                   "pyarrow<15"],

@@ -8,9 +8,12 @@
    Each job also pays a fixed cost (JVM warm-up, the shuffle stage, Python workers) that a
    real dataset amortises, so the figure is the marginal rate of the two sizes, with the fixed
    cost and the whole-stage rate of --rows reported beside it.
+   Decode: OpenCV vs Pillow decode + resize of the real PNGs, images/s and pixel difference
+   (benchmarks/decode.py).
 2. Storage: Parquet bytes per image at 512 vs 512*512 (limit <= 1.05), per --dtype.
-3. Loader: rows/s as torch tensors through Petastorm (the training reader) vs plain pyarrow
-   reading the same files with the same conversion (limit >= 0.8).
+3. Loader: rows/s of ready-to-copy uint8 batches (pixels as stored, labels as float32 tensors)
+   through Petastorm (the training reader) vs plain pyarrow reading the same columns of the same
+   files, at 224 and 512 px (limit >= 0.8). Normalisation runs on the device (training/inputs.py).
 4. Data stall: fraction of step time train.py waits for data, small CNN at 224 (limit <= 5%).
 5. GPU: DenseNet-121 at 224, AMP + channels-last, training images/s through the loader vs
    synthetic tensors already on the GPU (limit >= 0.9; benchmarks/gpu.py). Only with a CUDA
@@ -33,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks import gpu
+from benchmarks.decode import add_figures as add_decode_figures
 from benchmarks.nih_repeat import build
 from etl.images import decode_resize, normalise
 from etl.schema import IMAGENET_MEAN, IMAGENET_STD, read_dataset_spec, split_dir
@@ -72,8 +76,8 @@ def arrow_pixels(column, spec) -> np.ndarray:
 
 
 def loader_rates(dataset: Path, split: str = "train") -> tuple[float, float]:
-    """(Petastorm rows/s, plain pyarrow rows/s), both ending in the same normalised tensors."""
-    from training.data import SplitReader, model_input, prefetch
+    """(Petastorm rows/s, plain pyarrow rows/s), both ending in uint8 pixel and float32 label tensors."""
+    from training.data import SplitReader, prefetch
 
     spec = read_dataset_spec(dataset)
     started = time.perf_counter()
@@ -87,10 +91,10 @@ def loader_rates(dataset: Path, split: str = "train") -> tuple[float, float]:
             table = parquet.read_row_group(group, columns=[spec.pixel_column, "labels"])
             for start in range(0, table.num_rows, 32):
                 chunk = table.slice(start, 32)
-                with warnings.catch_warnings():  # read-only Arrow memory; model_input never writes to it
+                with warnings.catch_warnings():  # a view of read-only Arrow memory, only read here
                     warnings.simplefilter("ignore", UserWarning)
-                    pixels = torch.from_numpy(arrow_pixels(chunk.column(spec.pixel_column), spec))
-                model_input(pixels, spec), torch.as_tensor(np.asarray(chunk.column("labels").to_pylist(), np.float32))
+                    torch.from_numpy(arrow_pixels(chunk.column(spec.pixel_column), spec))
+                torch.as_tensor(np.asarray(chunk.column("labels").to_pylist(), np.float32))
                 rows += chunk.num_rows
     return petastorm_rate, rows / (time.perf_counter() - started)
 
@@ -147,6 +151,7 @@ def main(argv=None) -> None:
     add(f"ETL img/s per core, whole stage of {args.rows} rows (reported)", f"{statistics.median(whole):.1f}",
         f"bare loop {bare_rate:.1f}", statistics.median(whole) / bare_rate)
     add("ETL fixed cost per job (reported)", f"{statistics.median(fixed):.1f} s", "-", None)
+    add_decode_figures(add, NIH / "images", args.repeats)
 
     uint8_bytes = parquet_bytes(work / "nih_512") / args.rows
     add("Parquet bytes per image, --dtype uint8", f"{uint8_bytes / 1e3:.0f} kB", "512*512 = 262 kB",
@@ -157,13 +162,15 @@ def main(argv=None) -> None:
     add("Parquet bytes per image, --dtype float32 (reported)", f"{float_bytes / 1e6:.2f} MB", "512*512 = 262 kB",
         float_bytes / 512**2)
 
-    rates = [loader_rates(work / "nih_512") for _ in range(args.repeats)]
-    petastorm_rate = statistics.median(r[0] for r in rates)
-    arrow_rate = statistics.median(r[1] for r in rates)
-    add("Loader rows/s to tensors (Petastorm, 512 px)", f"{petastorm_rate:.0f}", f"pyarrow {arrow_rate:.0f}",
-        petastorm_rate / arrow_rate, 0.8)
-
     spark_etl(data_root, work / "nih_224", 224)
+    for size in (224, 512):
+        loader_rates(work / f"nih_{size}")  # warm-up, not counted: imports and a cold file cache
+        rates = [loader_rates(work / f"nih_{size}") for _ in range(args.repeats)]
+        petastorm_rate = statistics.median(r[0] for r in rates)
+        arrow_rate = statistics.median(r[1] for r in rates)
+        add(f"Loader rows/s, uint8 batches (Petastorm, {size} px)", f"{petastorm_rate:.0f}",
+            f"pyarrow {arrow_rate:.0f}", petastorm_rate / arrow_rate, 0.8)
+
     stall = statistics.median(data_stall(work / "nih_224", work) for _ in range(args.repeats))
     add("Data stall, small CNN at 224 (CPU)", f"{100 * stall:.1f}%", "step time", stall, -0.05)
 

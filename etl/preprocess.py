@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 
 from etl.config import dump_config, parse_args
 from etl.hold_points import hold_at
-from etl.images import ImageError, decode_resize, normalise
+from etl.images import DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise
+from etl.mean_image import compute_mean_image, write_mean_image
 from etl.schema import FOLD_COLUMN, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, metadata_columns, split_dir
 from etl.sources import SOURCES, get_source, manifest_options, side_tables
 from etl.sources.manifest import REJECT_COLUMNS, resolve_inside
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=PIXEL_DTYPES, default="uint8",
                         help="uint8: grey bytes, normalised by the loader (compact, default); "
                              "float32: 3-channel ImageNet-normalised floats (12x larger)")
+    parser.add_argument("--no-mean-image", action="store_true",
+                        help="skip the train split's average image (OUTPUT/_mean_image.npz, one more pass over "
+                             "the train pixels), which training's --normalisation mean-image needs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (default 0)")
     parser.add_argument("--split-fractions", default="0.7,0.1,0.2",
                         help="train,val,test fractions of patients when the dataset has no official "
@@ -115,7 +119,7 @@ def decode_batches(data_root: str, spec: DatasetSpec):
             pixels, reasons, details = [], [], []
             for relative in frame["source_path"]:
                 try:
-                    grey = decode_resize(resolve_inside(root, relative).read_bytes(), spec.image_size)
+                    grey = decode_resize(resolve_inside(root, relative).read_bytes(), spec.image_size, spec.decoder)
                     data = grey if spec.pixel_dtype == "uint8" else normalise(grey, spec.mean, spec.std)
                     pixels.append(data.tobytes())
                     reasons.append(None)
@@ -256,8 +260,12 @@ def run(args: argparse.Namespace) -> dict:
              "%.1fs", rows_read, len(rows), rows["split"].value_counts().to_dict(), len(manifest.rejects),
              left_out_by_subset, timings["manifest"])
 
+    try:
+        decoder = choose_decoder()
+    except DecoderChoiceError as exc:
+        raise SystemExit(str(exc)) from None
     spec = DatasetSpec(manifest.dataset, manifest.label_names, args.size, args.dtype, **spec_label_fields(manifest),
-                       folds=args.folds or 0)
+                       folds=args.folds or 0, decoder=decoder)
     staging = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -272,6 +280,14 @@ def run(args: argparse.Namespace) -> dict:
         rejects = pd.concat([manifest.rejects, collect_decode_rejects(staging)], ignore_index=True)
         written = written_rows(staging)
         check_patient_disjoint(written["patient_id"], written["split"])
+        if len(rows) and spec.pixel_dtype == "uint8" and not args.no_mean_image:
+            started = time.perf_counter()
+            mean = compute_mean_image(spark, staging, spec.pixel_column, spec.image_size)
+            timings["mean_image"] = time.perf_counter() - started
+            if mean is not None:
+                write_mean_image(mean, staging)
+                log.info("mean image of %d train images (pixel std around it %.4f), %.1fs", mean.rows, mean.std,
+                         timings["mean_image"])
         summary = {
             "dataset": spec.dataset,
             "rows_read": rows_read,

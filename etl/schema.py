@@ -57,6 +57,9 @@ class DatasetSpec:
     label_policies: dict[str, str] = dataclasses.field(default_factory=dict)
     has_mask: bool = False  # rows carry LABEL_MASK_COLUMN
     folds: int = 0  # > 0: rows carry FOLD_COLUMN (K-fold train/val of the train_val part)
+    # etl.images decoder that made the pixels; predict decodes new images with the same one. Specs
+    # from before the choice existed were all made with Pillow.
+    decoder: str = "pillow"
 
     def __post_init__(self):
         if self.pixel_dtype not in PIXEL_DTYPES:

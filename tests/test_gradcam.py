@@ -9,7 +9,7 @@ from etl.demo_data import generate, zone_centres
 from etl.images import decode_resize
 from etl.sources.nih import LABEL_NAMES
 from training import predict
-from training.data import model_input
+from training.inputs import stored_pixels
 from training.gradcam import class_activation_map, default_method, peak_inside, target_layer
 from training.models import MODELS, build_model, metadata_features, uses_metadata
 
@@ -66,7 +66,7 @@ def test_heatmap_peak_falls_on_the_known_lesion_zone(demo_run):
         label = LABEL_NAMES.index(row[2])
         grey = decode_resize((root / "nih" / "images" / row[1]).read_bytes(), spec.image_size)
         heatmap = class_activation_map(model, target_layer(model, name),
-                                       model_input(torch.from_numpy(grey[None, None].copy()), spec), label,
+                                       scorer.inputs(stored_pixels(grey)), label,
                                        default_method(name))[0]
         x, y = centres[label]
         hits += peak_inside(heatmap, (x - radius, y - radius, 2 * radius, 2 * radius))

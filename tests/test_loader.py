@@ -1,24 +1,26 @@
-"""Petastorm reading the ETL's partitions back into normalised tensors, sharded by rank."""
+"""Petastorm reading the ETL's partitions back into stored-pixel batches, sharded by rank."""
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from etl.mean_image import MEAN_IMAGE_FILE
 from etl.schema import read_dataset_spec
 from training.data import SplitReader, prefetch, split_row_count
+from training.inputs import InputTransform
 
 
-def test_batches_have_model_shape_and_undo_to_stored_pixels(nih_dataset):
+def test_batches_carry_the_stored_uint8_pixels(nih_dataset):
     spec = read_dataset_spec(nih_dataset)
     stored = pq.read_table(nih_dataset / "split=train", columns=["image_id", "pixels_u8"]).to_pandas()
     stored = stored.set_index("image_id")["pixels_u8"]
     batches = list(SplitReader(nih_dataset, "train", spec, batch_size=16))
     assert sum(len(b.image_ids) for b in batches) == split_row_count(nih_dataset, "train")
     batch = batches[0]
-    assert tuple(batch.images.shape) == (16, 3, 64, 64) and tuple(batch.labels.shape) == (16, 14)
-    for channel in range(3):
-        pixels = (batch.images[:, channel] * spec.std[channel] + spec.mean[channel]) * 255
-        expected = np.stack([np.frombuffer(stored[i], np.uint8).reshape(64, 64) for i in batch.image_ids])
-        np.testing.assert_allclose(pixels.numpy(), expected, atol=1e-3)
+    assert batch.images.dtype == torch.uint8 and tuple(batch.images.shape) == (16, 1, 64, 64)
+    assert tuple(batch.labels.shape) == (16, 14)
+    expected = np.stack([np.frombuffer(stored[i], np.uint8).reshape(1, 64, 64) for i in batch.image_ids])
+    np.testing.assert_array_equal(batch.images.numpy(), expected)
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
@@ -47,8 +49,8 @@ def test_drop_last_keeps_only_full_batches(nih_dataset):
     assert sizes and set(sizes) == {16} and len(sizes) == split_row_count(nih_dataset, "train") // 16
 
 
-def test_float32_dataset_gives_the_same_tensors_as_uint8(nih_dataset, tmp_path):
-    """--dtype float32 stores what the loader computes from uint8: same model input either way."""
+def test_float32_dataset_gives_the_same_model_input_as_uint8(nih_dataset, tmp_path):
+    """--dtype float32 stores what the input transform computes from uint8: same model input either way."""
     from conftest import NIH, spark_etl
 
     floats = tmp_path / "nih_f32"
@@ -56,10 +58,13 @@ def test_float32_dataset_gives_the_same_tensors_as_uint8(nih_dataset, tmp_path):
               "--output", floats, "--size", 64, "--rows-per-file", 8, "--dtype", "float32")
     spec = read_dataset_spec(floats)
     assert spec.pixel_column == "pixels_f32" and spec.pixel_shape == (3, 64, 64)
+    assert not (floats / MEAN_IMAGE_FILE).exists()  # the mean image is only for uint8 datasets
 
     def by_id(dataset):
         spec = read_dataset_spec(dataset)
-        return {i: image for b in SplitReader(dataset, "val", spec, 4) for i, image in zip(b.image_ids, b.images)}
+        transform = InputTransform(spec)
+        return {i: image for b in SplitReader(dataset, "val", spec, 4)
+                for i, image in zip(b.image_ids, transform(b.images))}
 
     grey, stored = by_id(nih_dataset), by_id(floats)
     assert grey.keys() == stored.keys() and grey

@@ -2,14 +2,18 @@
 
 Each rank reads its own share of row groups (`make_batch_reader(cur_shard=rank,
 shard_count=world_size)`), so the ranks together read every row exactly once per pass.
-Sizes, label names and normalisation come from the dataset's own metadata
-(:func:`etl.schema.read_dataset_spec`), never from flags.
+Sizes and label names come from the dataset's own metadata
+(:func:`etl.schema.read_dataset_spec`), never from flags. Batches carry the pixels as stored
+(grey uint8), pinned when a GPU will receive them; training.inputs turns them into model input
+on the device.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +32,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (N, 3, H, W) float32, normalised
+    images: torch.Tensor  # (N, *spec.pixel_shape) as stored: grey uint8 (N, 1, H, W); training.inputs normalises
     labels: torch.Tensor  # (N, num_labels) float32, as stored (training.targets says how to read them)
     mask: torch.Tensor  # (N, num_labels) float32: 1 where a label counts, 0 where a policy masked it
     image_ids: list[str]
@@ -56,26 +60,20 @@ def label_table(dataset_dir: str | Path, split: str, spec: DatasetSpec) -> tuple
     return labels, np.asarray(table.column(LABEL_MASK_COLUMN).to_pylist(), dtype=np.float64).reshape(labels.shape)
 
 
-def to_tensors(pixels: np.ndarray, labels: np.ndarray, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored pixel bytes of N rows (an array of `bytes`) -> model input and (N, L) float32 labels."""
-    dtype = np.uint8 if spec.pixel_dtype == "uint8" else np.float32
-    buffer = bytearray(b"".join(pixels))  # one copy, writable, so torch can own it
-    stored = np.frombuffer(buffer, dtype=dtype).reshape(len(pixels), *spec.pixel_shape)
-    return model_input(torch.from_numpy(stored), spec), label_tensor(labels)
+def stored_tensor(pixels: Sequence[bytes], spec: DatasetSpec, pin: bool = False) -> torch.Tensor:
+    """Stored pixel bytes of N rows -> one (N, *spec.pixel_shape) tensor, in
+    page-locked memory when `pin` (so a copy to the GPU can run asynchronously)."""
+    dtype = torch.uint8 if spec.pixel_dtype == "uint8" else torch.float32
+    stored = torch.empty((len(pixels), *spec.pixel_shape), dtype=dtype, pin_memory=pin)
+    rows = stored.view(torch.uint8).numpy().reshape(len(pixels), -1)
+    for row, data in zip(rows, pixels):  # each row's bytes copied once, straight into the tensor
+        row[:] = np.frombuffer(data, np.uint8)
+    return stored
 
 
 def label_tensor(rows: np.ndarray) -> torch.Tensor:
     """An object array of N per-row lists (as Petastorm yields list columns) -> (N, L) float32."""
     return torch.as_tensor(np.asarray(rows.tolist() if rows.dtype == object else rows, dtype=np.float32))
-
-
-def model_input(stored: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
-    """(N, *spec.pixel_shape) as stored -> normalised (N, 3, H, W) float32."""
-    if spec.pixel_dtype != "uint8":
-        return stored  # normalised by the ETL
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return (stored.float().div_(255.0) - mean).div_(std)  # broadcasts 1 grey channel to 3
 
 
 class SplitReader:
@@ -93,7 +91,7 @@ class SplitReader:
     def __init__(self, dataset_dir, split: str, spec: DatasetSpec, batch_size: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                  shuffle_rows: int = 256, pool: str = "dummy", workers: int = 2, with_metadata: bool = False,
-                 oversampler=None):
+                 oversampler=None, pin_memory: bool = False):
         # Not Path.as_uri(): it escapes the "=" of "split=train", which Petastorm then cannot find.
         self.url = "file://" + str(split_dir(dataset_dir, split).resolve())
         self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
@@ -103,10 +101,13 @@ class SplitReader:
         self.columns += [LABEL_MASK_COLUMN] if spec.has_mask else []
         self.columns += list(METADATA_COLUMNS) if with_metadata else []
         self.oversampler = oversampler  # training.sampling.Oversampler: rows of rare classes repeated
+        self.pin_memory = pin_memory
 
     def _row_groups(self):
         from petastorm import make_batch_reader
         from petastorm.errors import NoDataAvailableError
+
+        _shorten_dummy_pool_wait()
 
         try:
             reader = make_batch_reader(
@@ -150,11 +151,21 @@ class SplitReader:
             pool = {column: values[take:] for column, values in pool.items()}
 
     def _batch(self, rows: dict[str, np.ndarray]) -> Batch:
-        images, targets = to_tensors(rows[self.spec.pixel_column], rows["labels"], self.spec)
+        images = stored_tensor(rows[self.spec.pixel_column], self.spec, self.pin_memory)
+        targets = label_tensor(rows["labels"])
         mask = label_tensor(rows[LABEL_MASK_COLUMN]) if self.spec.has_mask else torch.ones_like(targets)
         metadata = {column: rows[column].tolist() for column in METADATA_COLUMNS if column in rows} or None
         return Batch(images, targets, mask, [str(i) for i in rows["image_id"]], [str(p) for p in rows["patient_id"]],
                      metadata)
+
+
+def _shorten_dummy_pool_wait() -> None:
+    """Petastorm 0.13.1's dummy pool sleeps 0.1 s whenever its ventilator thread has not queued the
+    next row group yet, which happened about twice a pass here: a fixed cost per pass larger than
+    reading a small shard. The same wait in 1 ms steps keeps its logic and loses no time."""
+    from petastorm.workers_pool import dummy_pool
+
+    dummy_pool.sleep = lambda seconds: time.sleep(min(seconds, 0.001))
 
 
 def prefetch(iterable, depth: int = 2):

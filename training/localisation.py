@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import torch
 from PIL import Image, ImageDraw
 
 from etl.schema import read_dataset_spec, split_dir
 from training import predict
-from training.data import METADATA_COLUMNS, model_input
+from training.data import METADATA_COLUMNS
+from training.inputs import stored_pixels
 from training.gradcam import class_activation_map, default_method, overlay, peak_inside, target_layer
 from training.models import metadata_features, uses_metadata
 
@@ -57,7 +57,7 @@ def pointing_game(checkpoint: str, dataset: Path, overlay_dir: Path | None = Non
     for box in boxes.itertuples():
         row = rows.loc[box.image_id]
         grey = np.frombuffer(row["pixels_u8"], dtype=np.uint8).reshape(spec.image_size, spec.image_size)
-        images = model_input(torch.from_numpy(grey[None, None].copy()), spec)
+        images = scorer.inputs(stored_pixels(grey))
         extra = (metadata_features(*([row[c]] for c in METADATA_COLUMNS)),) if uses_metadata(model_name) else ()
         label_index = spec.label_names.index(box.label)
         heatmap = class_activation_map(model, layer, images, layout.positive_logit(label_index), method, extra)[0]

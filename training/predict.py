@@ -7,7 +7,9 @@
 
 Inputs: image files (PNG, JPEG, DICOM), folders (searched recursively), glob patterns, text
 files listing one path per line, or a Parquet dataset written by etl/preprocess.py. Images are
-prepared exactly as for training (the ETL's decode and resize, the loader's normalisation).
+prepared exactly as for training: the ETL's decode and resize (with the decoder that made the
+training data), then training.inputs with the state the checkpoint carries (normalisation,
+evaluation resize and crop).
 
 One output row per input image: `image_id`, `path`, the calibrated probability of each label
 (calibration fitted on val by train.py), `<label>_positive` (1/0) at the run's operating point
@@ -32,7 +34,8 @@ from tqdm import tqdm
 from etl.images import ImageError, decode_resize
 from etl.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
 from training import calibration, checkpoints
-from training.data import model_input
+from training.data import stored_tensor
+from training.inputs import InputTransform, stored_pixels
 from training.gradcam import METHODS, class_activation_map, default_method, overlay, target_layer
 from training.label_files import DECISION_SUFFIX, ERROR_COLUMN
 from training.models import build_model, metadata_features, uses_metadata
@@ -51,16 +54,16 @@ class Scorer:
     model: torch.nn.Module
     model_name: str
     spec: DatasetSpec
+    inputs: InputTransform
     layout: LabelLayout
     calibration: list[dict] | None  # training.calibration states; None for checkpoints from before it
     thresholds: list[float | None]  # per label, at `operating_point`
     operating_point: str | None
 
     @torch.no_grad()
-    def probabilities(self, images: torch.Tensor, extra_inputs: tuple = ()) -> np.ndarray:
-        """(N, 3, H, W) model input (training.data.model_input of the stored pixels) -> (N, L)
-        calibrated probabilities."""
-        logits = self.model(images, *extra_inputs)
+    def probabilities(self, stored: torch.Tensor, extra_inputs: tuple = ()) -> np.ndarray:
+        """(N, *spec.pixel_shape) stored pixels (as the ETL writes them) -> (N, L) calibrated probabilities."""
+        logits = self.model(self.inputs(stored, evaluation=True), *extra_inputs)
         return calibration.apply(self.calibration, self.layout.probabilities(logits).numpy())
 
     def decisions(self, probabilities: np.ndarray) -> np.ndarray:
@@ -80,7 +83,8 @@ def load(checkpoint_path: str) -> Scorer:
     layout = LabelLayout(spec)
     model = build_model(checkpoint["model_name"], layout.num_outputs, "none")
     model.load_state_dict(checkpoint["model"])
-    return Scorer(model.eval(), checkpoint["model_name"], spec, layout, checkpoint.get("calibration"),
+    inputs = InputTransform.from_state(spec, checkpoint.get("inputs"))
+    return Scorer(model.eval(), checkpoint["model_name"], spec, inputs, layout, checkpoint.get("calibration"),
                   checkpoint.get("thresholds") or [None] * spec.num_labels, checkpoint.get("operating_point"))
 
 
@@ -118,7 +122,7 @@ def read_batches(paths: list[tuple[str, Path]], spec: DatasetSpec, batch_size: i
         pixels, errors = [], {}
         for index, (_, path) in enumerate(chunk):
             try:
-                pixels.append(decode_resize(path.read_bytes(), spec.image_size))
+                pixels.append(decode_resize(path.read_bytes(), spec.image_size, spec.decoder))
             except ImageError as exc:
                 errors[index] = str(exc)
             except FileNotFoundError:
@@ -131,7 +135,6 @@ def read_batches(paths: list[tuple[str, Path]], spec: DatasetSpec, batch_size: i
 
 def dataset_batches(dataset: Path, splits: list[str], spec: DatasetSpec, batch_size: int):
     """The same for the stored pixels of an ETL dataset (already decoded and resized)."""
-    dtype = np.uint8 if spec.pixel_dtype == "uint8" else np.float32
     for split in splits:
         folder = split_dir(dataset, split)
         if not folder.exists():
@@ -139,10 +142,9 @@ def dataset_batches(dataset: Path, splits: list[str], spec: DatasetSpec, batch_s
         for file in sorted(folder.glob("*.parquet")):
             parquet = pq.ParquetFile(file)
             for batch in parquet.iter_batches(batch_size, columns=["image_id", spec.pixel_column]):
-                pixels = batch.column(spec.pixel_column).to_pylist()
-                stored = np.frombuffer(b"".join(pixels), dtype=dtype).reshape(len(pixels), *spec.pixel_shape)
+                stored = stored_tensor(batch.column(spec.pixel_column).to_pylist(), spec)
                 ids = batch.column("image_id").to_pylist()
-                yield ids, [f"{split}/{i}" for i in ids], torch.from_numpy(stored.copy()), {}
+                yield ids, [f"{split}/{i}" for i in ids], stored, {}
 
 
 def predict_rows(scorer: Scorer, batches, total: int, extra_inputs: tuple = ()) -> pd.DataFrame:
@@ -155,7 +157,7 @@ def predict_rows(scorer: Scorer, batches, total: int, extra_inputs: tuple = ()) 
             readable = [i for i in range(len(ids)) if i not in errors]
             if readable:
                 extra = tuple(t.expand(len(readable), -1) for t in extra_inputs)
-                probabilities[readable] = scorer.probabilities(model_input(stored, scorer.spec), extra)
+                probabilities[readable] = scorer.probabilities(stored, extra)
             frame = pd.DataFrame(probabilities, columns=names)
             frame.insert(0, "path", paths)
             frame.insert(0, "image_id", ids)
@@ -172,16 +174,18 @@ def predict_rows(scorer: Scorer, batches, total: int, extra_inputs: tuple = ()) 
 def write_overlays(scorer: Scorer, paths: list[tuple[str, Path]], folder: Path, label: str | None, cam: str | None,
                    extra_inputs: tuple) -> None:
     """Grad-CAM overlay PNGs per readable image: for `label`, or for its TOP_LABELS most probable
-    labels (as report 004 shows them), named <image>_<label>.png."""
+    labels (as report 004 shows them), named <image>_<label>.png. Heatmaps cover the whole image:
+    they come from the uncropped input, whatever crop the scores used."""
     folder.mkdir(parents=True, exist_ok=True)
     names = scorer.spec.label_names
     for _, path in paths:
         try:
-            grey = decode_resize(path.read_bytes(), scorer.spec.image_size)
+            grey = decode_resize(path.read_bytes(), scorer.spec.image_size, scorer.spec.decoder)
         except (ImageError, OSError):
             continue
-        images = model_input(torch.from_numpy(grey[None, None].copy()), scorer.spec)
-        ranked = np.argsort(-scorer.probabilities(images, extra_inputs)[0], kind="stable")
+        stored = stored_pixels(grey)
+        images = scorer.inputs(stored)
+        ranked = np.argsort(-scorer.probabilities(stored, extra_inputs)[0], kind="stable")
         for chosen in [label] if label else [names[j] for j in ranked[:TOP_LABELS]]:
             heatmap = class_activation_map(scorer.model, target_layer(scorer.model, scorer.model_name), images,
                                            scorer.layout.positive_logit(names.index(chosen)),

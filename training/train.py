@@ -32,6 +32,7 @@ from etl.hold_points import hold_at
 from etl.schema import read_dataset_spec
 from training import calibration, checkpoints, distributed
 from training.augment import Augmentation, batch_generator
+from training.inputs import NORMALISATIONS, InputTransform
 from training.data import METADATA_COLUMNS, SplitReader, label_table, prefetch, split_row_count, split_row_groups
 from training.metrics import auroc_report, mean_auroc, per_label_auroc
 from training.operating_points import DEFAULT_POLICIES, Policy, choose_thresholds, operating_table, parse_policies
@@ -83,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=sorted(MODELS), default="densenet121")
     model.add_argument("--weights", default="imagenet", help="imagenet (downloads once), none, or a checkpoint path")
+    model.add_argument("--normalisation", choices=NORMALISATIONS, default="dataset",
+                       help="dataset: the per-channel mean and std the ETL recorded (ImageNet's, which pretrained "
+                            "backbones expect; default); mean-image: the train split's average image subtracted "
+                            "(report 002; the ETL's OUTPUT/_mean_image.npz)")
+    model.add_argument("--eval-resize", type=int, default=0,
+                       help="evaluation (val, test, predict): resize the stored image to this size first (0: no)")
+    model.add_argument("--eval-crop", type=int, default=0,
+                       help="evaluation: then take the centre crop of this size, CheXNet-style (0: whole image)")
     schedule = parser.add_argument_group("stages and optimisation")
     schedule.add_argument("--stages", default="kt,finetune", help="comma-separated, from: " + ", ".join(STAGES))
     schedule.add_argument("--epochs-kt", type=int, default=5, help="epochs of knowledge transfer (default 5)")
@@ -167,6 +176,11 @@ class Trainer:
             raise SystemExit(f"the train split has {groups} row groups but {dist.size} ranks; rerun the ETL "
                              "with a smaller --rows-per-file so every rank gets data")
         self.layout = LabelLayout(self.spec)
+        try:
+            self.inputs = InputTransform.for_dataset(args.dataset, self.spec, args.normalisation, args.eval_resize,
+                                                     args.eval_crop)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SystemExit(f"--normalisation / --eval-resize / --eval-crop: {exc}") from None
         self.fused = uses_metadata(args.model)
         train_labels, train_mask = label_table(args.dataset, "train", self.spec)
         weight = positive_weights(train_labels, train_mask, self.layout)
@@ -219,7 +233,8 @@ class Trainer:
                     module.training = False
         reader = SplitReader(args.dataset, "train", self.spec, args.batch_size, dist.rank, dist.size, shuffle=True,
                              seed=args.seed * 1000 + epoch, drop_last=True, pool=args.reader_pool,
-                             workers=args.reader_workers, with_metadata=self.fused, oversampler=self.oversampler)
+                             workers=args.reader_workers, with_metadata=self.fused, oversampler=self.oversampler,
+                             pin_memory=self.device.type == "cuda")
         batches = contextlib.closing(prefetch(reader))
         expected = self.train_rows_per_epoch // (args.batch_size * dist.size)
         bar = tqdm(total=expected, desc=f"{stage} epoch {epoch}", disable=not dist.is_main, leave=False)
@@ -234,7 +249,8 @@ class Trainer:
                 # Shards can differ by a row group: all ranks stop when the first runs out.
                 if dist.allreduce_min(int(batch is not None)) == 0:
                     break
-                images, labels = batch.images.to(self.device), batch.labels.to(self.device)
+                images = self.inputs(batch.images.to(self.device, non_blocking=True))
+                labels = batch.labels.to(self.device)
                 if self.augmentation is not None:
                     images = self.augmentation(images, generator)
                 optimizer.zero_grad()
@@ -272,11 +288,12 @@ class Trainer:
         model.eval()
         reader = SplitReader(self.args.dataset, split, self.spec, self.args.batch_size, self.dist.rank,
                              self.dist.size, pool=self.args.reader_pool, workers=self.args.reader_workers,
-                             with_metadata=self.fused)
+                             with_metadata=self.fused, pin_memory=self.device.type == "cuda")
         image_ids, patient_ids, scores, labels = [], [], [], []
         loss_sum = 0.0
         for batch in prefetch(reader):
-            logits = self.precision.forward(model, batch.images.to(self.device), *self.extra_inputs(batch))
+            images = self.inputs(batch.images.to(self.device, non_blocking=True), evaluation=True)
+            logits = self.precision.forward(model, images, *self.extra_inputs(batch))
             loss = self.loss_fn(logits, batch.labels.to(self.device), batch.mask.to(self.device))
             loss_sum += loss.item() * len(batch.image_ids)
             scores.append(self.layout.probabilities(logits).cpu().numpy())
@@ -347,7 +364,7 @@ class Trainer:
     def model_entry(self, state, stage, epoch, val_auroc) -> dict:
         """A model checkpoint that training.predict and training.ensemble can use on their own."""
         return {"model": state, "stage": stage, "epoch": epoch, "val_mean_auroc": val_auroc,
-                "model_name": self.args.model, "dataset_spec": self.spec.to_json()}
+                "model_name": self.args.model, "dataset_spec": self.spec.to_json(), "inputs": self.inputs.state()}
 
     def keep_best_epochs(self, stage, entry) -> None:
         """Save this epoch's model as epoch_<stage>_<epoch>.pth and keep only the --keep-epochs

@@ -1,0 +1,66 @@
+"""The train split's average image (report 002's "average" image), stored with the dataset.
+
+The ETL computes it after writing, from the stored uint8 pixels of `split=train` only (val and
+test never leak into it), together with the standard deviation of all train pixels around it,
+and writes both to `<dataset>/_mean_image.npz`. Training selects it with
+`--normalisation mean-image` (training/inputs.py): x -> (x - mean image) / std, on [0, 1] pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from etl.schema import split_dir
+
+MEAN_IMAGE_FILE = "_mean_image.npz"
+
+
+@dataclass(frozen=True)
+class MeanImage:
+    image: np.ndarray  # (H, W) float32 in [0, 1]
+    std: float  # of the train pixels around the mean image, on [0, 1]
+    rows: int  # train images averaged
+
+
+def compute_mean_image(spark, dataset_dir: Path, pixel_column: str, size: int) -> MeanImage | None:
+    """One Spark pass over the train split's pixels: per-pixel sums and the sum of squares.
+    None when the split has no rows."""
+    folder = split_dir(dataset_dir, "train")
+    if not folder.exists():
+        return None
+
+    def partition_sums(rows):
+        total, squares, count = np.zeros((size, size)), 0.0, 0
+        for row in rows:
+            pixels = np.frombuffer(row[0], np.uint8).reshape(size, size).astype(np.float64) / 255.0
+            total += pixels
+            squares += float(np.square(pixels).sum())
+            count += 1
+        yield total, squares, count
+
+    def add(left, right):
+        return left[0] + right[0], left[1] + right[1], left[2] + right[2]
+
+    total, squares, count = (spark.read.parquet(str(folder)).select(pixel_column).rdd
+                             .mapPartitions(partition_sums).treeReduce(add))
+    if count == 0:
+        return None
+    mean = total / count
+    # sum over images of (x - m)^2 = sum x^2 - count * sum m^2, over all pixels
+    variance = max(squares - count * float(np.square(mean).sum()), 0.0) / (count * size * size)
+    return MeanImage(mean.astype(np.float32), float(np.sqrt(variance)), int(count))
+
+
+def write_mean_image(mean: MeanImage, dataset_dir: Path) -> None:
+    np.savez(Path(dataset_dir) / MEAN_IMAGE_FILE, image=mean.image, std=mean.std, rows=mean.rows)
+
+
+def read_mean_image(dataset_dir: str | Path) -> MeanImage:
+    path = Path(dataset_dir) / MEAN_IMAGE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the dataset was written without a mean image (an ETL older "
+                                "than this option, --no-mean-image, or a float32 dataset); rerun etl/preprocess.py")
+    with np.load(path) as stored:
+        return MeanImage(stored["image"], float(stored["std"]), int(stored["rows"]))
