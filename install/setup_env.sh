@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 stamp="$VENV/.cxr-installed"
-inputs=$(cat install/requirements.txt setup.py install/setup_env.sh install/horovod/* | sha256sum | cut -c1-16)
+# CXR_HOROVOD_GPU (auto|0|1) and CXR_CUDA_HOME choose an NCCL or a Gloo-only Horovod (install/horovod/README.md).
+inputs=$( (cat install/requirements.txt setup.py install/setup_env.sh install/horovod/*
+           echo "horovod_gpu=${CXR_HOROVOD_GPU:-auto} cuda_home=${CXR_CUDA_HOME:-}") | sha256sum | cut -c1-16)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ]; then
   echo "environment $VENV is up to date"
@@ -27,7 +29,9 @@ import deltalake, petastorm, pyspark, torch, torchvision, horovod.torch as hvd
 import pyarrow, numpy
 assert pyarrow.__version__.startswith("14."), pyarrow.__version__
 assert numpy.__version__.startswith("1."), numpy.__version__
+nccl = hvd.nccl_built()
 print(f"ok: torch {torch.__version__}, pyspark {pyspark.__version__}, petastorm {petastorm.__version__}, "
-      f"pyarrow {pyarrow.__version__}, deltalake {deltalake.__version__}, horovod {hvd.__version__ if hasattr(hvd, '__version__') else 'built'}")
+      f"pyarrow {pyarrow.__version__}, deltalake {deltalake.__version__}, horovod {hvd.__version__ if hasattr(hvd, '__version__') else 'built'} "
+      f"({'NCCL %d + Gloo' % nccl if nccl else 'Gloo only'})")
 PY
 echo "$inputs" > "$stamp"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -100,17 +101,19 @@ def release(pipe):
     pipe.write_text("")
 
 
-def rank_pid(parent: int, rank: int) -> int | None:
-    """PID of the training process of `rank` among the descendants of `parent`."""
+def rank_pid(run_folder: Path, rank: int) -> int | None:
+    """PID of the training process of `rank` whose command line names `run_folder` (this test's own, so a
+    concurrent suite's ranks are never picked)."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except OSError:
             continue
-        if f"HOROVOD_RANK={rank}".encode() in environ and b"training/train.py" in cmdline:
+        if f"HOROVOD_RANK={rank}".encode() in environ and any(b"training/train.py" in part for part in cmdline) \
+                and any(str(run_folder).encode() in part for part in cmdline):
             return int(pid)
     return None
 
@@ -127,7 +130,7 @@ def test_rank_killed_mid_run_then_resumed_ends_like_an_uninterrupted_run(nih_dat
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", VARIABLE: f"train:finetune:1@{pipe}"}
     launcher = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_for(pipe, launcher)  # rank 0 has saved epoch 1 and holds; rank 1 waits for it in a collective
-    victim = rank_pid(launcher.pid, 1)
+    victim = rank_pid(tmp_path / "b", 1)
     assert victim is not None, "rank 1 not found"
     os.kill(victim, signal.SIGKILL)
     release(pipe)  # rank 0 goes on: its next collective meets the dead rank

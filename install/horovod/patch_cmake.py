@@ -3,7 +3,7 @@
 against modern PyTorch (C++20 headers) with Gloo.
 
 Usage:
-    python patch_cmake.py SDIST_DIR [--cxx-standard N]
+    python patch_cmake.py SDIST_DIR [--cxx-standard N] [--nccl-rpath 'RPATH;RPATH...']
 
 SDIST_DIR is the unpacked ``horovod-0.28.1`` source directory. N is the C++
 standard PyTorch's headers need (default 20, which is what torch 2.14's
@@ -18,6 +18,13 @@ Why (see README.md next to this file):
     implicitly inline from C++17 on). Horovod's top-level CMakeLists.txt can
     already build a C++17 copy of Gloo (``compatible17_gloo``) for TensorFlow;
     we let PyTorch request and link that copy too.
+  * NCCL builds only (``--nccl-rpath``): the pip NCCL package ships only
+    ``libnccl.so.2``, so build_wheel.sh links through a build-private
+    ``libnccl.so`` symlink; CMake would put that temporary directory into the
+    extension's RUNPATH. We give the extension a RUNPATH relative to
+    site-packages instead (``$ORIGIN/../../nvidia/nccl/lib`` ...), so ``ldd``
+    resolves ``libnccl.so.2`` from the venv. Without the flag this edit is not
+    applied and the output is byte-identical to the Gloo-only patch.
 
 Every edit is an exact string replacement. If an expected snippet is missing
 (or occurs more than once) the script exits non-zero without writing anything,
@@ -32,8 +39,9 @@ import sys
 MARK = "# [cxr-pipeline patch]"
 
 
-def edits(cxx_std):
-    """Return {relative path: [(old, new), ...]} for the given C++ standard."""
+def edits(cxx_std, nccl_rpath=None):
+    """Return {relative path: [(old, new), ...]} for the given C++ standard
+    (and, for NCCL builds, the extension's RUNPATH)."""
     torch_old_gloo = (
         "if(HAVE_GLOO)\n"
         "    if (Pytorch_CXX11)\n"
@@ -81,11 +89,20 @@ def edits(cxx_std):
         "    if ((Tensorflow_CXX17 AND Tensorflow_CXX11) OR (Pytorch_CXX17 AND Pytorch_CXX11))\n"
         "        target_compile_definitions(compatible17_gloo PRIVATE _GLIBCXX_USE_CXX11_ABI=1)\n"
     )
+    torch_edits = [
+        (torch_old_gloo, torch_new_gloo),
+        (torch_old_std, torch_new_std),
+    ]
+    if nccl_rpath:
+        torch_old_name = 'set_target_properties(${PYTORCH_TARGET_LIB} PROPERTIES OUTPUT_NAME "mpi_lib_v2")\n'
+        torch_new_name = (
+            f"{MARK} NCCL build: RUNPATH relative to site-packages, not the build-private libnccl.so dir\n"
+            'set_target_properties(${PYTORCH_TARGET_LIB} PROPERTIES OUTPUT_NAME "mpi_lib_v2"\n'
+            f'                      BUILD_WITH_INSTALL_RPATH TRUE INSTALL_RPATH "{nccl_rpath}")\n'
+        )
+        torch_edits.append((torch_old_name, torch_new_name))
     return {
-        os.path.join("horovod", "torch", "CMakeLists.txt"): [
-            (torch_old_gloo, torch_new_gloo),
-            (torch_old_std, torch_new_std),
-        ],
+        os.path.join("horovod", "torch", "CMakeLists.txt"): torch_edits,
         "CMakeLists.txt": [
             (top_old_cond, top_new_cond),
             (top_old_abi, top_new_abi),
@@ -98,10 +115,17 @@ def main():
     ap.add_argument("sdist_dir", help="unpacked horovod-0.28.1 source directory")
     ap.add_argument("--cxx-standard", default="20", choices=["17", "20", "23"],
                     help="C++ standard for the torch extension (default: 20)")
+    ap.add_argument("--nccl-rpath", default=None, metavar="'RPATH;...'",
+                    help="NCCL builds only: the torch extension's RUNPATH, ';'-separated, "
+                         "e.g. '$ORIGIN/../../torch/lib;$ORIGIN/../../nvidia/nccl/lib'")
     args = ap.parse_args()
+    if args.nccl_rpath is not None and (not args.nccl_rpath.strip()
+                                        or any(c in args.nccl_rpath for c in '"\\\n') or "${" in args.nccl_rpath):
+        ap.error("--nccl-rpath must be a non-empty ';'-separated list without quotes, backslashes, "
+                 "newlines or ${")
 
     errors, new_texts, applied, skipped = [], {}, 0, 0
-    for rel, pairs in edits(args.cxx_standard).items():
+    for rel, pairs in edits(args.cxx_standard, args.nccl_rpath).items():
         path = os.path.join(args.sdist_dir, rel)
         if not os.path.isfile(path):
             errors.append(f"{path}: file not found")
@@ -131,8 +155,9 @@ def main():
     for path, text in new_texts.items():
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
+    rpath = f", RUNPATH {args.nccl_rpath}" if args.nccl_rpath else ""
     print(f"patch_cmake.py: applied {applied} edit(s), {skipped} already present "
-          f"(torch extension C++{args.cxx_standard}, links compatible17_gloo)")
+          f"(torch extension C++{args.cxx_standard}, links compatible17_gloo{rpath})")
     return 0
 
 
