@@ -42,6 +42,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from etl.pixels import MAX_PIXELS, SIXTEEN_BIT_GREY, ImageError, stretch_to_u8, to_grey_u8
+
 try:
     import cv2
     CV2_MISSING = ""
@@ -49,23 +51,10 @@ except Exception as exc:  # not installed, or a build for numpy 2 failing on num
     cv2 = None
     CV2_MISSING = f"{type(exc).__name__}: {exc}"
 
-# Refuse images larger than this many pixels before decoding them (decompression bombs).
-# The largest real chest radiographs are about 4,300 x 3,500 pixels.
-MAX_PIXELS = 40_000_000
-
 DECODER_ENV = "CXR_DECODER"
 DECODERS = ("pillow", "opencv")
-SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I")
 # PNG and JPEG modes (as Pillow reads the header) that OpenCV decodes to the same pixels
 OPENCV_MODES = {"PNG": ("L", "RGB", "RGBA", *SIXTEEN_BIT_GREY), "JPEG": ("L", "RGB")}
-
-
-class ImageError(ValueError):
-    """An image that cannot become a training row; `reason` is a short machine-readable code."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 class DecoderChoiceError(RuntimeError):
@@ -85,29 +74,6 @@ def choose_decoder(decoder: str | None = None) -> str:
         raise DecoderChoiceError(f"the opencv decoder was asked for but cv2 does not import ({CV2_MISSING}); "
                                  f"pip install opencv-python-headless==4.11.* or set {DECODER_ENV}=pillow")
     return requested
-
-
-def stretch_to_u8(values: np.ndarray) -> np.ndarray:
-    """Min..max of any numeric array to 0..255 uint8 (all-equal values give zeros)."""
-    values = np.asarray(values, dtype=np.float32)
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
-def to_grey_u8(image: Image.Image) -> np.ndarray:
-    """Grey 8-bit pixels of any Pillow image.
-
-    RGB(A)/palette images are converted with ITU-R 601 luma (alpha dropped); images of more
-    than 8 bits (16-bit PNG, float TIFF) are stretched min..max to 0..255, because their
-    stored range (often 12 bits in a 16-bit container) says nothing about the display range.
-    """
-    if image.mode in (*SIXTEEN_BIT_GREY, "F"):
-        return stretch_to_u8(np.asarray(image, dtype=np.float32))
-    if image.mode != "L":
-        image = image.convert("L")
-    return np.asarray(image, dtype=np.uint8)
 
 
 def open_checked(data: bytes) -> Image.Image:
