@@ -61,7 +61,7 @@ def measure(dataset: Path, model_name: str, batch_size: int, steps: int, warmup:
     rates = {}
     for source in ("synthetic", "loader"):
         torch.manual_seed(0)
-        model = precision.prepare_model(build_model(model_name, spec.num_labels, "none").to(device)).train()
+        model = precision.prepare_model(build_model(model_name, spec.num_labels, "none", spec.image_size).to(device)).train()
         if source == "synthetic":
             images = torch.randn(batch_size, 3, spec.image_size, spec.image_size, device=device)
             labels = torch.randint(0, 2, (batch_size, spec.num_labels), device=device).float()

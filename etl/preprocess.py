@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import time
@@ -298,6 +299,8 @@ def run(args: argparse.Namespace) -> dict:
             "values_kept_as_null": manifest.warnings["field"].value_counts().to_dict(),
             "patients": {split: int(written.loc[written["split"] == split, "patient_id"].nunique()) for split in SPLITS},
             "seconds": timings,
+            # the driver's own peak (manifest, pandas, reads of the written footers); executors run elsewhere
+            "driver_python_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         if (sum(summary["rows_written"].values()) + summary["rows_quarantined"] + left_out_by_subset
                 != summary["rows_read"]):

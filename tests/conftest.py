@@ -40,6 +40,24 @@ def run_cli(*args, timeout=600, env=None, check=True) -> subprocess.CompletedPro
     return result
 
 
+def chexpert_table():
+    """The real CheXpert train.csv (223k rows; the images are not in the shared data)."""
+    import pandas as pd
+
+    return pd.read_csv(require(CHEXPERT_TRAIN_CSV), dtype=str, keep_default_na=False)
+
+
+def write_chexpert_images(root: Path, paths) -> None:
+    """Small grey JPEGs at the table's paths, different per image (generated: no real pixels exist here)."""
+    import numpy as np
+    from PIL import Image
+
+    for i, path in enumerate(paths):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        pixels = (np.add.outer(np.arange(48), np.arange(40)) * (i + 1) % 256).astype(np.uint8)
+        Image.fromarray(pixels).save(root / path, quality=95)
+
+
 def spark_etl(*args, **kwargs) -> subprocess.CompletedProcess:
     return run_cli(BIN / "spark-submit", "--master", "local[2]", "etl/preprocess.py", *args, **kwargs)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.augment import Augmentation, batch_generator
+import numpy as np
+
+from training.augment import Augmentation, augment_rows, batch_generator
+from training.sampling import Oversampler
 from training.schedules import LearningRate, build_optimizer
 
 STILL = dict(flip=0.0, rotate_degrees=0.0, zoom=0.0, shift=0.0, brightness=0.0, contrast=0.0)
@@ -34,6 +37,17 @@ def test_each_transform_does_what_it_says():
     assert offsets[:, 0].abs().max() <= 0.5 and offsets[:, 0].abs().min() > 0
     rotated = Augmentation(**{**STILL, "rotate_degrees": 30.0})(images(), batch_generator(0, 0, 0))
     assert not torch.allclose(rotated, images(), atol=1e-2)
+
+
+def test_minority_only_augmentation_leaves_the_majority_rows_as_stored():
+    """Report 003: the rarer NORMAL images (no positive label) are augmented, pneumonia rows are not."""
+    labels = np.array([[1.0], [0.0], [1.0], [0.0], [1.0], [1.0]])
+    oversampler = Oversampler(np.r_[labels, [[1.0]] * 6], np.ones((12, 1)), [0], 1.0)
+    minority = torch.from_numpy(oversampler.row_factors(labels) > 1)
+    assert minority.tolist() == [False, True, False, True, False, False]
+    out = augment_rows(Augmentation(**{**STILL, "flip": 1.0}), images(), minority, batch_generator(0, 0, 0))
+    assert torch.equal(out[~minority], images()[~minority])
+    assert torch.allclose(out[minority], images()[minority].flip(-1), atol=1e-5)
 
 
 def test_augmentation_text_parses_and_bad_text_says_what_is_allowed():

@@ -126,7 +126,7 @@ def test_targets_schedules_identity_and_results_table():
     bundle, _ = load_bundle(ROOT)
     dev_settings, dev = target_view(bundle, "dev")
     prod_settings, prod = target_view(bundle, "prod")
-    assert set(prod) == set(dev) == {"cxr_etl_nightly", "cxr_train_weekly", "cxr_chexpert_selftrained"}
+    assert set(prod) == set(dev) == {"cxr_etl_nightly", "cxr_train_weekly", "cxr_chexpert_selftrained", "cxr_sweep"}
     for jobs in (dev, prod):
         for job in jobs.values():
             assert job.schedule.timezone_id and job.email_notifications.on_failure and job.max_concurrent_runs == 1
@@ -136,13 +136,14 @@ def test_targets_schedules_identity_and_results_table():
     assert prod["cxr_etl_nightly"].schedule.pause_status.value == "UNPAUSED"
     assert prod["cxr_train_weekly"].schedule.pause_status.value == "UNPAUSED"
     assert prod["cxr_chexpert_selftrained"].schedule.pause_status.value == "PAUSED"
+    assert prod["cxr_sweep"].schedule.pause_status.value == "PAUSED"
     assert prod_settings["workspace"]["root_path"].startswith("/Workspace/")
     assert prod_settings["run_as"]["service_principal_name"] == PROD_VARIABLES["service_principal"]
     assert prod_settings["permissions"] and prod_settings["mode"] == "production"
     # the AUROC rows go to a Unity Catalog table by name, not a folder in a volume
     table = bundle["variables"]["results_table"]["default"]
     assert re.fullmatch(r"\w+\.\w+\.\w+", table)
-    for job in (prod["cxr_train_weekly"], prod["cxr_chexpert_selftrained"]):
+    for job in (prod["cxr_train_weekly"], prod["cxr_chexpert_selftrained"], prod["cxr_sweep"]):
         for task in job.tasks:
             parameters = task.spark_python_task.parameters
             if task.spark_python_task.python_file.endswith("train_distributor.py"):
@@ -162,6 +163,51 @@ def test_self_trained_job_chains_first_pass_relabel_second_pass_on_the_same_file
     assert relabel_args[relabel_args.index("--dataset") + 1] == first_args[first_args.index("--dataset") + 1]
     assert second_args[second_args.index("--dataset") + 1] == relabel_args[relabel_args.index("--output") + 1]
     assert all(not RUNTIME_REFERENCE.sub("", a).count("{") for a in first_args)
+
+
+def test_sweep_job_trains_every_grid_cell_in_parallel_after_its_etl_then_compares_them_all():
+    """cxr_sweep: an ETL task per size; a training task per (model, size) cell on a GPU cluster of its own that
+    waits only for its size's ETL; a compare task after all of them, even failed ones. Every task's parameters
+    parse with the argparse of the command it runs, and the compare task reads where the training tasks write."""
+    from etl.config import parse_args
+    from etl.preprocess import build_parser as etl_parser
+    from jobs.train_distributor import with_run_folder_table
+    from training import sweep
+    from training.train import build_parser as train_parser
+
+    _, jobs = target_view(load_bundle(ROOT)[0], "prod")
+    tasks = {task.task_key: task for task in jobs["cxr_sweep"].tasks}
+    parameters = {key: task.spark_python_task.parameters for key, task in tasks.items()}
+    compare = sweep.resolve(parameters["compare"])
+    cells = sweep.make_grid(compare)
+    sizes = sorted({cell.size for cell in cells})
+    assert compare.compare_only and sizes == [256, 512]
+    assert {cell.model for cell in cells} == {"resnet50", "densenet121"}
+    trains = {f"train_{cell.model}_{cell.size}": cell for cell in cells}
+    assert set(tasks) == {f"etl_{size}" for size in sizes} | set(trains) | {"compare"}
+    assert tasks["compare"].spark_python_task.python_file.endswith("training/sweep.py")
+    assert {d.task_key for d in tasks["compare"].depends_on} == set(trains)
+    assert getattr(tasks["compare"].run_if, "value", tasks["compare"].run_if) == "ALL_DONE"
+    datasets = sweep.parse_datasets(compare.dataset)
+    for size in sizes:
+        etl = parse_args(etl_parser(), "etl", parameters[f"etl_{size}"])
+        assert not tasks[f"etl_{size}"].depends_on and tasks[f"etl_{size}"].spark_python_task.python_file.endswith(
+            "etl/preprocess.py")
+        assert (etl.size, etl.output, etl.overwrite) == (size, datasets[size], True)
+    clusters = {cluster.job_cluster_key: cluster.new_cluster for cluster in jobs["cxr_sweep"].job_clusters}
+    for key, cell in trains.items():
+        task = tasks[key]
+        assert [d.task_key for d in task.depends_on] == [f"etl_{cell.size}"]  # never on another cell: parallel
+        assert "gpu" in clusters[task.job_cluster_key].spark_version
+        assert [t.job_cluster_key for t in tasks.values()].count(task.job_cluster_key) == 1  # a cluster of its own
+        args = parameters[key]
+        assert task.spark_python_task.python_file.endswith("jobs/train_distributor.py") and "--use-gpu" in args
+        train_args, staging, run_id = with_run_folder_table(args[args.index("--") + 1:])
+        train = parse_args(train_parser(), "train", train_args)
+        assert (train.dataset, train.model, train.stages) == (cell.dataset, cell.model, compare.stages)
+        assert (run_id, train.output_dir) == (cell.run_id, str(cell.run_dir.parent))
+        assert staging == str(cell.run_dir / sweep.RUN_TABLE)  # where compare reads the rows
+        assert cell.run_id == "{{job.run_id}}-" + f"{cell.model}-{cell.size}"
 
 
 def break_unknown_field(root: Path) -> None:

@@ -9,26 +9,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from conftest import CHEXPERT_TRAIN_CSV, run_cli, require, spark_etl
+from conftest import CHEXPERT_TRAIN_CSV, require, run_cli, spark_etl
+from conftest import chexpert_table as real_table, write_chexpert_images as write_images
 from etl.schema import DatasetSpec, read_dataset_spec
 from etl.sources import chexpert
 from etl.uncertainty import apply_policy, parse_policies, spec_label_fields
 
 POLICY = "U-Zeros,Atelectasis=U-Ones,Cardiomegaly=U-MultiClass,Consolidation=U-SelfTrained"
-
-
-def real_table() -> pd.DataFrame:
-    return pd.read_csv(require(CHEXPERT_TRAIN_CSV), dtype=str, keep_default_na=False)
-
-
-def write_images(root, paths) -> None:
-    """Small grey JPEGs at the table's paths, different per image."""
-    for i, path in enumerate(paths):
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        pixels = (np.add.outer(np.arange(48), np.arange(40)) * (i + 1) % 256).astype(np.uint8)
-        Image.fromarray(pixels).save(root / path, quality=95)
 
 
 @pytest.fixture(scope="module")

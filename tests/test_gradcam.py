@@ -21,13 +21,32 @@ def test_heatmaps_have_image_shape_and_unit_range(name):
     peaks = []
     for seed in range(4):
         torch.manual_seed(seed)
-        model = build_model(name, 3, "none")
+        model = build_model(name, 3, "none", image_size=64)
         extra = (metadata_features([50, None], ["M", "F"], ["PA", "AP"]),) if uses_metadata(name) else ()
         cam = class_activation_map(model, target_layer(model, name), torch.randn(2, 3, 64, 64), 1,
                                    default_method(name), extra)
         assert cam.shape == (2, 64, 64) and cam.min() >= 0 and cam.max() <= 1 + 1e-6
         peaks.append(cam.max())
     assert max(peaks) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["densenet121_attA", "densenet121_attB", "densenet121_attA+meta"])
+def test_report_attention_models_take_heatmaps_where_the_gradient_flows(name):
+    """No output of report 004's attention DenseNets depends on norm5, which they do not even run: their
+    target is transition3's output, which the attention reads, and its heatmap is not all zeros."""
+    torch.manual_seed(0)
+    model = build_model(name, 3, "none")
+    extra = (metadata_features([50, None], ["M", "F"], ["PA", "AP"]),) if uses_metadata(name) else ()
+    images = torch.randn(2, 3, 128, 128)  # transition3's map is 4 x 4
+    prefix = "backbone." if name.endswith("+meta") else ""
+    layer = target_layer(model, name)
+    assert layer is model.get_submodule(prefix + "features.transition3")
+    cams = [class_activation_map(model, layer, images, label, default_method(name), extra) for label in range(3)]
+    # An untrained model's evidence for a label can be negative at every position (an all-zero map after
+    # the ReLU); some label's map has a positive peak in both images.
+    assert max(cam.reshape(2, -1).max(axis=1).min() for cam in cams) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="did not run"):
+        class_activation_map(model, model.get_submodule(prefix + "features.norm5"), images, 1, "gradcam", extra)
 
 
 @pytest.mark.parametrize("name", ["densenet121", "resnet50"])

@@ -61,5 +61,15 @@ class Augmentation:
         return warped * contrast + brightness
 
 
+def augment_rows(augmentation: Augmentation, images: torch.Tensor, rows: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Augment only the `rows` (a boolean mask) of the batch, e.g. the minority class's (report 003)."""
+    if not rows.any():
+        return images
+    augmented = images.clone()
+    augmented[rows] = augmentation(images[rows], generator)
+    return augmented
+
+
 def batch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + rank)

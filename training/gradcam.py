@@ -21,16 +21,19 @@ from matplotlib import colormaps
 from torch import nn
 
 
-# The layer whose activations are weighed, per model: norm5 for DenseNet (as CheXNet; the
-# attention variants too), the last residual stage for ResNet, the last conv block's activation
-# (before pooling) for the small CNN and the VGGs.
+# The layer whose activations are weighed, per model: norm5 for DenseNet (as CheXNet) and the
+# attention DenseNets whose classifier sees g; transition3 for the report's attention DenseNets,
+# where no output depends on norm5 (report 004 took norm5, which gets no gradient there): the
+# deepest map their attention reads. The last residual stage for ResNet, the last conv block's
+# activation (before pooling) for the small CNN, the VGGs and the 24-layer pneumonia CNN.
 TARGET_LAYERS = {
-    "densenet121": "features.norm5", "densenet121_attA": "features.norm5", "densenet121_attB": "features.norm5",
+    "densenet121": "features.norm5", "densenet121_attA_g": "features.norm5", "densenet121_attB_g": "features.norm5",
+    "densenet121_attA": "features.transition3", "densenet121_attB": "features.transition3",
     "resnet18": "layer4", "resnet18_half": "layer4", "resnet50": "layer4", "small_cnn": "features.6",
-    "vgg_like": "features.26", "vgg16_partial": "features.29",
+    "vgg_like": "features.26", "vgg16_partial": "features.29", "pneumonia_cnn24": "separable.16",
 }
 # Heads that keep position (flattened maps) rather than average it away: HiResCAM is exact there.
-POSITIONAL_HEADS = ("small_cnn", "vgg_like", "vgg16_partial")
+POSITIONAL_HEADS = ("small_cnn", "vgg_like", "vgg16_partial", "pneumonia_cnn24")
 METHODS = ("gradcam", "hirescam")
 FUSED_SUFFIX = "+meta"
 
@@ -60,6 +63,9 @@ def class_activation_map(model: nn.Module, layer: nn.Module, images: torch.Tenso
         model.eval()
         images = images.clone().requires_grad_(True)  # gradients flow even through a frozen backbone
         logits = model(images, *extra_inputs)
+        if "activations" not in captured:
+            raise ValueError(f"the target layer ({type(layer).__name__}) did not run in the forward pass; "
+                             "take the layer from training.gradcam.target_layer(model, model_name)")
         activations = captured["activations"]
         gradients, = torch.autograd.grad(logits[:, logit_index].sum(), activations)
     finally:

@@ -69,7 +69,8 @@ class VGGLike(nn.Module):
 
 class ProjectedAttention(nn.Module):
     """Attention A: a 1x1 conv maps the layer's map L to the global width (L'), the score of
-    position i is <u, L'_i + g>, and the output is the softmax-weighted sum of the L'_i."""
+    position i is <u, L'_i + g>, and the output is the softmax-weighted sum of the L'_i.
+    Called without g, the score leaves out <u, g>: the same at every position, it cancels in the softmax."""
 
     def __init__(self, local_width: int, global_width: int):
         super().__init__()
@@ -77,9 +78,10 @@ class ProjectedAttention(nn.Module):
         self.u = nn.Parameter(torch.zeros(global_width))  # zero: starts as plain average pooling
         self.output_width = global_width
 
-    def forward(self, local, g):
+    def forward(self, local, g=None):
         local = self.project(local)
-        weights = _softmax_over_positions(torch.einsum("c,nchw->nhw", self.u, local + g[:, :, None, None]))
+        weights = _softmax_over_positions(torch.einsum("c,nchw->nhw", self.u,
+                                                       local if g is None else local + g[:, :, None, None]))
         return torch.einsum("nhw,nchw->nc", weights, local), weights
 
 
@@ -98,25 +100,46 @@ class ConcatAttention(nn.Module):
         return torch.einsum("nhw,nchw->nc", weights, local), weights
 
 
+class SplitConcatAttention(nn.Module):
+    """Attention B of the report's model, with u held as (u_local, u_global): <u_global, g> is the same
+    at every position and cancels in the softmax, so the score is <u_local, L_i> and u_global, never
+    used, stays frozen. It is kept because Table 2 counts it."""
+
+    def __init__(self, local_width: int, global_width: int):
+        super().__init__()
+        self.u_local = nn.Parameter(torch.zeros(local_width))  # zero: starts as plain average pooling
+        self.u_global = nn.Parameter(torch.zeros(global_width), requires_grad=False)
+        self.unused = ("u_global",)
+        self.output_width = local_width
+
+    def forward(self, local):
+        weights = _softmax_over_positions(torch.einsum("c,nchw->nhw", self.u_local, local))
+        return torch.einsum("nhw,nchw->nc", weights, local), weights
+
+
 def _softmax_over_positions(scores):
     return F.softmax(scores.flatten(1), dim=1).view_as(scores)
 
 
 class AttentionDenseNet(nn.Module):
-    """DenseNet-121 whose classifier also sees attention-pooled outputs of transition layers 1-3.
+    """DenseNet-121 with attention over the outputs of transition layers 1-3 (report 004, section 2.2).
 
-    g is the global feature (norm5, ReLU, global average pooling, 1024 values); each transition
-    output is pooled by its own attention module against g, and the classifier is a linear layer
-    on concat(g, attended_1, attended_2, attended_3). The backbone stays torchvision's `features`
-    (so `features.norm5` is there for Grad-CAM and ImageNet weights load unchanged), run layer by
-    layer to tap the transition outputs. `last_attention` holds the (N, H, W) maps of the last
-    forward pass, detached, for plotting.
+    g is the global feature (norm5, ReLU, global average pooling, 1024 values); each transition output
+    is pooled by its own attention module against g. The backbone stays torchvision's `features` (so
+    ImageNet weights load unchanged), run layer by layer to tap the transition outputs. `last_attention`
+    holds the (N, H, W) maps of the last forward pass, detached, for plotting.
 
-    In both variants g adds <u, g>, the same at every position, so it cancels in the softmax:
-    the maps depend on the layer's map alone, and g reaches the logits through the classifier.
+    With `classify_global` False (the report's models) the classifier is a linear layer on
+    concat(attended_1, attended_2, attended_3) alone. g enters every score only as a term that is the
+    same at every position, so it cancels in the softmax and no output depends on denseblock4 and norm5:
+    they are kept (Table 2 counts them; 7,920,527 weights for A, 6,971,279 for B with 15 outputs) but
+    frozen, listed in `unused`, and not run. With `classify_global` True (the `_g` models, this project's
+    first reading, not the report's) the classifier also sees g, concat(g, attended_1..3), which is what
+    trains the backbone's last block: 1024 x num_labels more weights, 7,935,887 (A) and 6,986,639 (B)
+    with 15 outputs. Their attention B keeps u whole, g part included, which still cancels.
     """
 
-    def __init__(self, num_labels: int, imagenet: bool, attention: type[nn.Module]):
+    def __init__(self, num_labels: int, imagenet: bool, attention: type[nn.Module], classify_global: bool):
         super().__init__()
         from torchvision.models import DenseNet121_Weights, densenet121
 
@@ -124,19 +147,30 @@ class AttentionDenseNet(nn.Module):
         global_width = self.features.norm5.num_features
         self.attention = nn.ModuleList(
             attention(getattr(self.features, f"transition{i}").conv.out_channels, global_width) for i in (1, 2, 3))
-        self.classifier = nn.Linear(global_width + sum(a.output_width for a in self.attention), num_labels)
+        self.classify_global = classify_global
+        attended_width = sum(a.output_width for a in self.attention)
+        self.classifier = nn.Linear(attended_width + (global_width if classify_global else 0), num_labels)
+        self.unused = () if classify_global else ("features.denseblock4", "features.norm5")
+        for name in self.unused:
+            self.get_submodule(name).requires_grad_(False)
         self.last_attention: list[torch.Tensor] = []
 
     def forward(self, images):
         taps, x = [], images
         for name, layer in self.features.named_children():
+            if name == "denseblock4" and not self.classify_global:
+                break
             x = layer(x)
             if name.startswith("transition"):
                 taps.append(x)
-        g = F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)
-        attended, maps = zip(*(attend(local, g) for attend, local in zip(self.attention, taps)))
+        if self.classify_global:
+            g = F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)
+            attended, maps = zip(*(attend(local, g) for attend, local in zip(self.attention, taps)))
+            pooled = (g, *attended)
+        else:
+            pooled, maps = zip(*(attend(local) for attend, local in zip(self.attention, taps)))
         self.last_attention = [m.detach() for m in maps]
-        return self.classifier(torch.cat([g, *attended], 1))
+        return self.classifier(torch.cat(pooled, 1))
 
 
 # Non-image inputs. Age is standardised with the mean and standard deviation over the images of
@@ -171,12 +205,13 @@ def _one_hot(values: Sequence, categories: Sequence[str]) -> torch.Tensor:
 
 class MetadataFusion(nn.Module):
     """A registered backbone whose output layer is removed, its pooled image features
-    concatenated with Linear(metadata, 3) -> ReLU, then a linear head to the label logits."""
+    concatenated with Linear(metadata, 3) -> ReLU, then a linear head to the label logits.
+    `size` (image_size=, for sized backbones) goes on to the backbone's builder."""
 
-    def __init__(self, backbone_name: str, num_labels: int, imagenet: bool):
+    def __init__(self, backbone_name: str, num_labels: int, imagenet: bool, **size):
         super().__init__()
         architecture = MODELS[backbone_name]
-        self.backbone = architecture.build(num_labels, imagenet)
+        self.backbone = architecture.build(num_labels, imagenet, **size)
         image_width = self.backbone.get_submodule(architecture.output).in_features
         parent, _, leaf = architecture.output.rpartition(".")
         setattr(self.backbone.get_submodule(parent), leaf, nn.Identity())
@@ -269,6 +304,85 @@ def _load_partial(model: nn.Module, state_dict: dict, layers: int) -> None:
     model.load_state_dict(transferred, strict=False)
 
 
+class SeparableConv2d(nn.Module):
+    """Keras' SeparableConv2D, 3x3 'same': a depthwise 3x3 conv without bias, then a 1x1 conv with bias
+    (in x 9 + in x out + out weights)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False)
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        return self.pointwise(self.depthwise(x))
+
+
+class PneumoniaCNN24(nn.Module):
+    """Report 003's 24-layer CNN (after Aakash Nain's Kaggle kernel), its first four convs starting from
+    VGG16's ImageNet weights. The 24 layers, counted as Keras counts them (the input aside):
+
+        block 1  conv1_1 64, conv1_2 64 (3x3, ReLU), max pool 2                                  3
+        block 2  conv2_1 128, conv2_2 128 (3x3, ReLU), max pool 2                                3
+        block 3  separable 256 + BN, separable 256 + BN, separable 256 (ReLU), max pool 2        6
+        block 4  separable 512 + BN, separable 512 + BN, separable 512 (ReLU), max pool 2        6
+        head     flatten, dense 1024 (ReLU), dropout 0.7, dense 512 (ReLU), dropout 0.5, dense   6
+
+    `features` (blocks 1-2) is laid out as VGG16's features[:10], so `_load_partial` copies those four
+    convs exactly. (The kernel's conv2_1/conv2_2 are separable, and its loading, `layer.set_weights = [w, b]`,
+    assigns an attribute instead of calling it, so nothing loaded there; ordinary convs follow the report.)
+    The report's softmax over (normal, pneumonia) is one sigmoid logit per label here: a two-way softmax
+    is the sigmoid of the logits' difference, so the same classifier with 513 output weights, not 1026.
+    Keras' defaults are kept: Glorot-uniform kernels, zero biases, BatchNorm after the ReLU with momentum
+    0.99 (torch's 0.01) and eps 1e-3.
+
+    The flatten width is 512 x (image_size // 16)^2, 100,352 at the kernel's 224 px, so the net is built
+    for one input size, as in Keras: a lazy layer would get its weights only after Horovod and DDP
+    broadcast them from rank 0. Weights at 224 px, L labels: 104,388,288 + 513 L.
+    """
+
+    def __init__(self, num_labels: int, image_size: int = 224):
+        super().__init__()
+        if image_size < 16:
+            raise ValueError(f"pneumonia_cnn24 halves the image four times: image_size {image_size} is under 16 px")
+        relu = partial(nn.ReLU, inplace=True)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1), relu(), nn.Conv2d(64, 64, 3, padding=1), relu(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), relu(), nn.Conv2d(128, 128, 3, padding=1), relu(), nn.MaxPool2d(2))
+        layers, channels = [], 128
+        for width in (256, 512):
+            for index in range(3):
+                layers += [SeparableConv2d(channels, width), relu()]
+                layers += [nn.BatchNorm2d(width, eps=1e-3, momentum=0.01)] if index < 2 else [nn.MaxPool2d(2)]
+                channels = width
+        self.separable = nn.Sequential(*layers)
+        self.image_size, self.side = image_size, image_size // 16
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * self.side ** 2, 1024), relu(), nn.Dropout(0.7),
+            nn.Linear(1024, 512), relu(), nn.Dropout(0.5), nn.Linear(512, num_labels))
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, images):
+        maps = self.separable(self.features(images))
+        if maps.shape[-2:] != (self.side, self.side):
+            raise ValueError(f"pneumonia_cnn24 was built for {self.image_size} px images, got "
+                             f"{images.shape[-2]}x{images.shape[-1]}: build it with "
+                             "build_model(..., image_size=<the dataset's image size>)")
+        return self.classifier(maps)
+
+
+def _pneumonia_cnn24(num_labels, imagenet, image_size):
+    from torchvision.models import VGG16_Weights
+
+    model = PneumoniaCNN24(num_labels, image_size)
+    if imagenet:
+        _load_partial(model, VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True), VGG16_TRANSFERRED_LAYERS)
+    return model
+
+
 def _small_cnn(num_labels, imagenet):
     if imagenet:
         raise ValueError("small_cnn has no ImageNet weights; use --weights none or a checkpoint path")
@@ -282,10 +396,11 @@ def _vgg_like(num_labels, imagenet):
 
 
 class Architecture(NamedTuple):
-    build: Callable[[int, bool], nn.Module]  # (num_labels, imagenet) -> model
+    build: Callable[..., nn.Module]  # (num_labels, imagenet) -> model; sized ones also take image_size=
     output: str  # dotted name of the final Linear to the logits; fusion replaces it
     head: tuple[str, ...]  # module prefixes that knowledge transfer trains (the rest is frozen)
     metadata: bool = False  # called model(images, metadata)
+    sized: bool = False  # flattens its last map, so it is built for one image size
 
 
 def _fused(backbone_name: str) -> Architecture:
@@ -293,19 +408,25 @@ def _fused(backbone_name: str) -> Architecture:
     metadata encoder and the fused head."""
     backbone_head = tuple(f"backbone.{prefix}" for prefix in MODELS[backbone_name].head)
     return Architecture(partial(MetadataFusion, backbone_name), "head", backbone_head + ("metadata_encoder", "head"),
-                        metadata=True)
+                        metadata=True, sized=MODELS[backbone_name].sized)
 
 
 # Knowledge transfer trains the output layer; also the attention modules of the attention
-# DenseNets, and for vgg16_partial everything that did not come from ImageNet (the convs after
-# features[:10] and the whole fully connected classifier), since freezing random layers would
-# leave random features.
+# DenseNets, and for vgg16_partial and pneumonia_cnn24 everything that did not come from ImageNet
+# (the convs after VGG16's features[:10] and the whole fully connected classifier), since freezing
+# random layers would leave random features. densenet121_attA/B are report 004's models, the `_g`
+# ones this project's first reading, whose classifier also sees g (AttentionDenseNet).
 MODELS: dict[str, Architecture] = {
     "densenet121": Architecture(_densenet121, "classifier", ("classifier",)),
-    "densenet121_attA": Architecture(partial(AttentionDenseNet, attention=ProjectedAttention), "classifier",
-                                     ("attention", "classifier")),
-    "densenet121_attB": Architecture(partial(AttentionDenseNet, attention=ConcatAttention), "classifier",
-                                     ("attention", "classifier")),
+    "densenet121_attA": Architecture(partial(AttentionDenseNet, attention=ProjectedAttention, classify_global=False),
+                                     "classifier", ("attention", "classifier")),
+    "densenet121_attB": Architecture(partial(AttentionDenseNet, attention=SplitConcatAttention,
+                                             classify_global=False), "classifier", ("attention", "classifier")),
+    "densenet121_attA_g": Architecture(partial(AttentionDenseNet, attention=ProjectedAttention, classify_global=True),
+                                       "classifier", ("attention", "classifier")),
+    "densenet121_attB_g": Architecture(partial(AttentionDenseNet, attention=ConcatAttention, classify_global=True),
+                                       "classifier", ("attention", "classifier")),
+    "pneumonia_cnn24": Architecture(_pneumonia_cnn24, "classifier.7", ("separable", "classifier"), sized=True),
     "resnet18": Architecture(partial(_resnet, depth=18), "fc", ("fc",)),
     "resnet18_half": Architecture(_resnet18_half, "fc", ("fc",)),
     "resnet50": Architecture(partial(_resnet, depth=50), "fc", ("fc",)),
@@ -322,10 +443,13 @@ def uses_metadata(model_name: str) -> bool:
     return MODELS[model_name].metadata
 
 
-def build_model(name: str, num_labels: int, weights: str = "none") -> nn.Module:
+def build_model(name: str, num_labels: int, weights: str = "none", image_size: int = 224) -> nn.Module:
+    """`image_size`, the side of the (square) input images, shapes only the sized models
+    (pneumonia_cnn24); the others take any size."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    model = MODELS[name].build(num_labels, weights == "imagenet")
+    size = {"image_size": image_size} if MODELS[name].sized else {}
+    model = MODELS[name].build(num_labels, weights == "imagenet", **size)
     if weights not in ("imagenet", "none"):
         load_backbone(model, Path(weights), head_name(name))
     return model
@@ -360,8 +484,16 @@ def in_head(name: str, head: tuple[str, ...]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in head)
 
 
+def unused_parameters(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of the parameters no output depends on, as the modules holding them list them
+    (their `unused` attribute, relative names), e.g. norm5 of the report's attention DenseNets."""
+    return tuple(f"{prefix}.{name}" if prefix else name
+                 for prefix, module in model.named_modules() for name in getattr(module, "unused", ()))
+
+
 def set_backbone_trainable(model: nn.Module, model_name: str, trainable: bool) -> None:
-    """Freeze (knowledge transfer) or unfreeze (fine-tune) everything but the head."""
-    head = head_name(model_name)
+    """Freeze (knowledge transfer) or unfreeze (fine-tune) everything but the head. Unused
+    parameters stay frozen in every stage: DDP fails on a trainable parameter without a gradient."""
+    head, unused = head_name(model_name), unused_parameters(model)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad = trainable or in_head(name, head)
+        parameter.requires_grad = (trainable or in_head(name, head)) and not in_head(name, unused)

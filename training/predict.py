@@ -81,7 +81,7 @@ def load(checkpoint_path: str) -> Scorer:
         raise SystemExit(f"{checkpoint_path} is not a best_<stage>.pth written by train.py")
     spec = DatasetSpec.from_json(checkpoint["dataset_spec"])
     layout = LabelLayout(spec)
-    model = build_model(checkpoint["model_name"], layout.num_outputs, "none")
+    model = build_model(checkpoint["model_name"], layout.num_outputs, "none", spec.image_size)
     model.load_state_dict(checkpoint["model"])
     inputs = InputTransform.from_state(spec, checkpoint.get("inputs"))
     return Scorer(model.eval(), checkpoint["model_name"], spec, inputs, layout, checkpoint.get("calibration"),

@@ -11,17 +11,22 @@ import math
 
 import torch
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "step", "plateau", "cosine")
 
 
 def build_optimizer(name: str, parameters, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
     """Adam with betas 0.9/0.999 (CheXpert's setting; weight decay as an L2 term), AdamW (the same
-    with decoupled weight decay, Loshchilov & Hutter) or SGD with momentum."""
+    with decoupled weight decay, Loshchilov & Hutter), RMSProp or SGD with momentum.
+
+    RMSProp has Keras' defaults, as report 003 used it: rho (torch's alpha) 0.9, eps 1e-7 added to the
+    square root as in Keras 2, no momentum (`momentum` is SGD's only); weight decay as an L2 term."""
     if name == "adam":
         return torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(parameters, lr=lr, alpha=0.9, eps=1e-7, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")

@@ -31,7 +31,7 @@ from etl.config import dump_config, parse_args
 from etl.hold_points import hold_at
 from etl.schema import read_dataset_spec
 from training import calibration, checkpoints, distributed
-from training.augment import Augmentation, batch_generator
+from training.augment import Augmentation, augment_rows, batch_generator
 from training.inputs import NORMALISATIONS, InputTransform
 from training.data import METADATA_COLUMNS, SplitReader, label_table, prefetch, split_row_count, split_row_groups
 from training.metrics import auroc_report, mean_auroc, per_label_auroc
@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--warmup-steps", type=int, default=20,
                           help="linear LR warm-up steps; the LR is scaled by the number of ranks (default 20)")
     schedule.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
-                          help="adam (betas 0.9/0.999, as CheXpert; default), adamw (decoupled --weight-decay) or "
-                               "sgd (with --momentum)")
+                          help="adam (betas 0.9/0.999, as CheXpert; default), adamw (decoupled --weight-decay), "
+                               "rmsprop (Keras' rho 0.9, eps 1e-7, no momentum: report 003) or sgd (with --momentum)")
     schedule.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     schedule.add_argument("--weight-decay", type=float, default=0.0,
                           help="L2 penalty (adam, sgd) or decoupled weight decay (adamw); default 0")
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train-time augmentation: none (default), default (flip, +-7 degrees, zoom 10%%, "
                                "shift 5%%, brightness/contrast 10%%), or overrides such as "
                                "'flip=0,rotate_degrees=10' (training/augment.py); seeded per epoch and rank")
+    schedule.add_argument("--augment-minority-only", action="store_true",
+                          help="augment only the rows of the classes --oversample repeats, as report 003 "
+                               "augmented its NORMAL copies; the other rows go in as stored")
     schedule.add_argument("--loss", choices=LOSSES, default="pos-weighted",
                           help="binary cross-entropy, unweighted (bce), with per-label positive weights "
                                "negatives/positives of the train split (pos-weighted, default), or with the "
@@ -181,6 +184,10 @@ class Trainer:
                                                      args.eval_crop)
         except (FileNotFoundError, ValueError) as exc:
             raise SystemExit(f"--normalisation / --eval-resize / --eval-crop: {exc}") from None
+        evaluated_at = args.eval_crop or args.eval_resize or self.spec.image_size
+        if MODELS[args.model].sized and evaluated_at != self.spec.image_size:
+            raise SystemExit(f"{args.model}'s dense layers are sized for the dataset's {self.spec.image_size} px "
+                             f"images; evaluation at {evaluated_at} px cannot work: set --eval-crop to that size")
         self.fused = uses_metadata(args.model)
         train_labels, train_mask = label_table(args.dataset, "train", self.spec)
         weight = positive_weights(train_labels, train_mask, self.layout)
@@ -190,6 +197,9 @@ class Trainer:
             self.augmentation = Augmentation.parse(args.augment)
         except (TypeError, ValueError) as exc:
             raise SystemExit(f"--oversample / --augment: {exc}") from None
+        if args.augment_minority_only and not (self.oversampler and self.augmentation):
+            raise SystemExit("--augment-minority-only needs --oversample (which says what the minority is) and "
+                             "--augment (what to do to it)")
         self.train_rows_per_epoch = (int(self.oversampler.row_factors(train_labels).sum()) if self.oversampler
                                      else len(train_labels))
         self.loss_fn = LabelLoss(self.layout, args.loss, weight if args.loss == "pos-weighted" else None).to(self.device)
@@ -202,7 +212,8 @@ class Trainer:
         call (DDP-wrapped under torchrun), the optimizer to step (Horovod's wrapper builds a new
         optimizer, so state must be loaded into it, never before wrapping) and its scheduler."""
         args = self.args
-        model = build_model(args.model, self.layout.num_outputs, args.weights if init_state is None else "none")
+        model = build_model(args.model, self.layout.num_outputs, args.weights if init_state is None else "none",
+                            self.spec.image_size)
         if init_state is not None:
             model.load_state_dict(init_state)
         set_backbone_trainable(model, args.model, trainable=(stage != "kt"))
@@ -251,7 +262,10 @@ class Trainer:
                     break
                 images = self.inputs(batch.images.to(self.device, non_blocking=True))
                 labels = batch.labels.to(self.device)
-                if self.augmentation is not None:
+                if self.args.augment_minority_only:
+                    minority = torch.from_numpy(self.oversampler.row_factors(batch.labels.numpy()) > 1)
+                    images = augment_rows(self.augmentation, images, minority.to(self.device), generator)
+                elif self.augmentation is not None:
                     images = self.augmentation(images, generator)
                 optimizer.zero_grad()
                 logits = self.precision.forward(forward, images, *self.extra_inputs(batch))
