@@ -3,8 +3,9 @@
     python -m benchmarks.gpu --dataset /tmp/cxr-bench/nih_224 [--model densenet121] [--steps 60]
 
 The same model, optimiser and precision (`--amp bf16 --channels-last` by default, as
-train.py takes them) train once on batches from the Petastorm loader (read, normalise, copy
-to the GPU) and once on one synthetic batch already on the GPU; the ratio says how much of
+train.py takes them) train once on batches from the Petastorm loader (read, uint8 pinned and
+copied to the GPU, normalised there by training/inputs.py) and once on one synthetic batch of
+model input already on the GPU; the ratio says how much of
 the GPU the loader leaves idle (limit: >= 0.9). Without a CUDA device it says so and exits;
 `--device cpu` runs the same code as a smoke test, whose figures mean nothing.
 """
@@ -20,22 +21,25 @@ import torch
 
 from etl.schema import read_dataset_spec
 from training.data import SplitReader, prefetch
+from training.inputs import InputTransform
 from training.models import build_model
 from training.precision import AMP_MODES, Precision
 
 
 def loader_batches(dataset: Path, batch_size: int, pin: bool):
-    """(images, labels) of the train split on the CPU, pass after pass, as train.py reads them."""
+    """(stored uint8 images, labels) of the train split on the CPU, pass after pass, as train.py reads them."""
     spec = read_dataset_spec(dataset)
     for epoch in itertools.count():
-        reader = SplitReader(dataset, "train", spec, batch_size, shuffle=True, seed=epoch, drop_last=True)
+        reader = SplitReader(dataset, "train", spec, batch_size, shuffle=True, seed=epoch, drop_last=True,
+                             pin_memory=pin)
         with contextlib.closing(prefetch(reader)) as batches:
             for batch in batches:
-                yield (batch.images.pin_memory(), batch.labels.pin_memory()) if pin else (batch.images, batch.labels)
+                yield batch.images, batch.labels.pin_memory() if pin else batch.labels
 
 
-def training_rate(model, precision: Precision, batches, steps: int, warmup: int, device: torch.device) -> float:
-    """Images/s of `steps` optimiser steps after `warmup` untimed ones."""
+def training_rate(model, precision: Precision, batches, steps: int, warmup: int, device: torch.device,
+                  model_input=lambda images: images) -> float:
+    """Images/s of `steps` optimiser steps after `warmup` untimed ones; `model_input` runs on the device."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     images_seen, started = 0, None
@@ -44,7 +48,8 @@ def training_rate(model, precision: Precision, batches, steps: int, warmup: int,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images = model_input(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         precision.backward_and_step(loss_fn(precision.forward(model, images), labels), optimizer)
         images_seen += len(images) if step >= warmup else 0
@@ -61,14 +66,15 @@ def measure(dataset: Path, model_name: str, batch_size: int, steps: int, warmup:
     rates = {}
     for source in ("synthetic", "loader"):
         torch.manual_seed(0)
-        model = precision.prepare_model(build_model(model_name, spec.num_labels, "none", spec.image_size).to(device)).train()
+        model = build_model(model_name, spec.num_labels, "none", spec.image_size).to(device)
+        model = precision.prepare_model(model).train()
         if source == "synthetic":
             images = torch.randn(batch_size, 3, spec.image_size, spec.image_size, device=device)
             labels = torch.randint(0, 2, (batch_size, spec.num_labels), device=device).float()
-            batches = itertools.repeat((images, labels))
+            rates[source] = training_rate(model, precision, itertools.repeat((images, labels)), steps, warmup, device)
         else:
             batches = loader_batches(dataset, batch_size, pin=device.type == "cuda")
-        rates[source] = training_rate(model, precision, batches, steps, warmup, device)
+            rates[source] = training_rate(model, precision, batches, steps, warmup, device, InputTransform(spec))
     rates["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return rates
 

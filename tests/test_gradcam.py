@@ -1,5 +1,6 @@
 """Heatmaps and the predict command: shapes, Grad-CAM = HiResCAM for pooling heads, and the
 pointing game on demo data whose lesion zones are known and on the real NIH boxes."""
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -101,6 +102,17 @@ def test_predict_prints_decisions_writes_overlays_and_skips_bad_files(demo_run, 
     assert f"{tmp_path / 'broken.png'}\n  skipped: not_an_image" in out
     assert "Effusion" in out and ("POSITIVE" in out or "negative" in out) and "threshold" in out
     assert (tmp_path / "overlays" / "00000003_000_Effusion.png").exists()
+
+
+def test_overlays_without_a_label_are_for_the_three_most_probable_labels(demo_run, tmp_path):
+    """Report 004 shows the three most probable findings per image."""
+    root, checkpoint = demo_run
+    image = root / "nih" / "images" / "00000003_000.png"
+    rows = predict.main(["--checkpoint", str(checkpoint), str(image), "--overlay-dir", str(tmp_path / "overlays")])
+    probabilities = rows.iloc[0][list(LABEL_NAMES)].astype(float).to_numpy()
+    top = [LABEL_NAMES[i] for i in np.argsort(-probabilities, kind="stable")[:3]]
+    written = sorted(path.name for path in (tmp_path / "overlays").iterdir())
+    assert written == sorted(f"00000003_000_{label}.png" for label in top)
 
 
 def test_pointing_game_on_the_real_nih_boxes(nih_dataset, tmp_path):
