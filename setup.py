@@ -30,6 +30,9 @@ setup(
         "opencv": ["opencv-python-headless>=4.11,<4.12"],
         # training-only: the ML runtimes ship these; petastorm 0.13.1 needs pyarrow < 15
         "train": ["torch>=2.1", "torchvision", "scikit-learn", "deltalake>=1.0", "tqdm", "matplotlib",
-                  "pyarrow<15"],
+                  "pyarrow<15", "mlflow>=2.16"],
+        # MLflow tracking, the pyfunc model and jobs/score.py; the ML runtimes ship it. The full package: the
+        # local store (SQLite) needs its SQLAlchemy, and `mlflow ui` comes with it. Tested with 3.17.2.
+        "mlflow": ["mlflow>=2.16"],
     },
 )

@@ -30,6 +30,9 @@ def load_bundle(root: Path) -> tuple[dict, dict[str, Path]]:
             part = yaml.safe_load(path.read_text())
             unknown = set(part) - {"resources", "variables", "targets"}
             assert not unknown, f"{path.name}: top-level keys a bundle does not know: {unknown}"
+            declared = set(part.get("variables") or {}) & set(bundle.get("variables") or {})
+            assert not declared, f"{path.name}: variables declared twice: {declared}"
+            bundle.setdefault("variables", {}).update(part.get("variables") or {})
             for name, job in part.get("resources", {}).get("jobs", {}).items():
                 bundle.setdefault("resources", {}).setdefault("jobs", {})[name] = job
                 defined_in[name] = path.parent
@@ -126,7 +129,8 @@ def test_targets_schedules_identity_and_results_table():
     bundle, _ = load_bundle(ROOT)
     dev_settings, dev = target_view(bundle, "dev")
     prod_settings, prod = target_view(bundle, "prod")
-    assert set(prod) == set(dev) == {"cxr_etl_nightly", "cxr_train_weekly", "cxr_chexpert_selftrained", "cxr_sweep"}
+    assert set(prod) == set(dev) == {"cxr_etl_nightly", "cxr_train_weekly", "cxr_chexpert_selftrained", "cxr_sweep",
+                                     "cxr_score_nightly"}
     for jobs in (dev, prod):
         for job in jobs.values():
             assert job.schedule.timezone_id and job.email_notifications.on_failure and job.max_concurrent_runs == 1
@@ -137,6 +141,7 @@ def test_targets_schedules_identity_and_results_table():
     assert prod["cxr_train_weekly"].schedule.pause_status.value == "UNPAUSED"
     assert prod["cxr_chexpert_selftrained"].schedule.pause_status.value == "PAUSED"
     assert prod["cxr_sweep"].schedule.pause_status.value == "PAUSED"
+    assert prod["cxr_score_nightly"].schedule.pause_status.value == "UNPAUSED"
     assert prod_settings["workspace"]["root_path"].startswith("/Workspace/")
     assert prod_settings["run_as"]["service_principal_name"] == PROD_VARIABLES["service_principal"]
     assert prod_settings["permissions"] and prod_settings["mode"] == "production"
@@ -208,6 +213,30 @@ def test_sweep_job_trains_every_grid_cell_in_parallel_after_its_etl_then_compare
         assert (run_id, train.output_dir) == (cell.run_id, str(cell.run_dir.parent))
         assert staging == str(cell.run_dir / sweep.RUN_TABLE)  # where compare reads the rows
         assert cell.run_id == "{{job.run_id}}-" + f"{cell.model}-{cell.size}"
+
+
+def test_scoring_job_scores_new_images_nightly_with_the_registered_model_into_a_catalog_table():
+    """cxr_score_nightly: jobs/score.py on an ML runtime (torch and mlflow ship with it), its parameters parsed by
+    the job's own argparse: a registry alias it resolves to a fixed version, the incoming folder, and a Unity
+    Catalog table written through Delta on Spark (the deltalake engine refuses catalog names)."""
+    from jobs.score import build_parser as score_parser
+    from jobs.score import resolve_model_uri
+
+    bundle = load_bundle(ROOT)[0]
+    _, jobs = target_view(bundle, "prod")
+    job = jobs["cxr_score_nightly"]
+    (task,) = job.tasks
+    assert task.spark_python_task.python_file.endswith("jobs/score.py") and not task.depends_on
+    assert re.fullmatch(r"0 \d+ \d+ \* \* \?", job.schedule.quartz_cron_expression)  # every day
+    (cluster,) = job.job_clusters
+    assert "-ml-" in cluster.new_cluster.spark_version and "gpu" not in cluster.new_cluster.spark_version
+    args = score_parser().parse_args(task.spark_python_task.parameters)
+    variables = {name: spec["default"] for name, spec in bundle["variables"].items()}
+    assert args.model_uri == f"models:/{variables['registered_model']}@{variables['model_alias']}"
+    assert re.fullmatch(r"models:/\w+\.\w+\.\w+@\w+", args.model_uri)  # a Unity Catalog model, by alias
+    assert args.images == [variables["incoming_root"]] and args.table == variables["scores_table"]
+    assert re.fullmatch(r"\w+\.\w+\.\w+", args.table) and args.engine == "delta-spark"
+    assert resolve_model_uri("models:/main.cxr.m/7") == "models:/main.cxr.m/7"  # a fixed version stays as given
 
 
 def break_unknown_field(root: Path) -> None:

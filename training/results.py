@@ -55,6 +55,9 @@ RESULT_SCHEMA = pa.schema([
     ("data_wait_fraction", pa.float64()),
     ("run_dir", pa.string()),
     ("model_config", pa.string()),  # the model and its training options, e.g. for ensembles and the report
+    # the MLflow run that logged this training run (training/tracking.py); null without MLflow and in rows
+    # written before the column existed (appends merge it into older tables)
+    ("mlflow_run_id", pa.string()),
 ])
 ENGINES = ("deltalake", "delta-spark")
 TABLE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}$")  # schema.table or catalog.schema.table

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from etl.config import dump_config, parse_args
 from etl.hold_points import hold_at
 from etl.schema import read_dataset_spec
-from training import calibration, checkpoints, distributed
+from training import calibration, checkpoints, distributed, tracking
 from training.augment import Augmentation, augment_rows, batch_generator
 from training.inputs import NORMALISATIONS, InputTransform
 from training.data import METADATA_COLUMNS, SplitReader, label_table, prefetch, split_row_count, split_row_groups
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--reader-workers", type=int, default=2, help="workers of a thread/process pool")
     runtime.add_argument("--resume", help="checkpoint.pth of an interrupted run: continue it")
     runtime.add_argument("--run-id", help="name of this run (default: time + random suffix)")
+    tracking.add_arguments(parser)
     return parser
 
 
@@ -205,6 +206,7 @@ class Trainer:
         self.loss_fn = LabelLoss(self.layout, args.loss, weight if args.loss == "pos-weighted" else None).to(self.device)
         self.run_dir = Path(args.output_dir) / args.run_id
         self.results_written = 0  # Delta rows this process appended (rank 0)
+        self.tracker = tracking.start(args, self.run_dir, self.spec, dist)  # MLflow on rank 0, else a no-op
 
     # ---- one stage -------------------------------------------------------------------------
     def make_stage(self, stage: str, init_state: dict | None):
@@ -398,6 +400,7 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+        self.tracker.log_epoch(stage, epoch, row)
 
     def report_stage(self, stage, model, best_epoch, wait_fraction) -> None:
         """Evaluate the stage's best model on val and test. On val, fit the calibration and choose
@@ -448,6 +451,7 @@ class Trainer:
                     "best_epoch": best_epoch, "world_size": self.dist.size, "backend": self.dist.name,
                     "data_wait_fraction": wait_fraction, "run_dir": str(self.run_dir.resolve()),
                     "model_config": json.dumps({key: getattr(args, key) for key in MODEL_CONFIG}),
+                    "mlflow_run_id": self.tracker.run_id,
                 })
             self.save_predictions(stage, split, calibrated)
             title = f"{args.model}, {stage} (best epoch {best_epoch}), {split}: {len(predictions.image_ids)} images"
@@ -466,6 +470,7 @@ class Trainer:
             append_results(args.results_table, rows, args.results_engine)
             self.results_written += len(rows)
             training_curves(self.run_dir / "summary.csv", self.run_dir / "training_curves.png")
+        self.tracker.log_stage(stage, rows)
 
     def log_split(self, stage, best_epoch, split, mean, chosen) -> None:
         text = ("n/a" if mean["auroc"] is None
@@ -538,6 +543,7 @@ def main(argv=None) -> None:
         state = trainer.run_stage(stage, state, stage_resume)
     if dist.is_main and trainer.results_written:
         log.info("report: %s", write_report(args.results_table, trainer.run_dir / "report.html", args.run_id))
+    trainer.tracker.finish(stages[-1])  # report, AUROC table, Grad-CAM examples, the model (rank 0)
     log.info("run %s done; results in %s", args.run_id, args.results_table)
     dist.shutdown()
 

@@ -1,0 +1,158 @@
+"""The MLflow model (training/serving.py) and batch scoring on Spark (jobs/score.py): a checkpoint logged and
+registered, reloaded, and scoring real NIH PNGs, a pediatric pneumonia JPEG and a DICOM file, by path and by
+bytes, as training.predict does; the Spark job on local[2] writing one Delta row per image and model version,
+unreadable files included with their reason, and adding nothing when run again."""
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from deltalake import DeltaTable
+
+from conftest import BIN, DICOM, KERMANY, NIH, require, run_cli
+from etl.images import decode_resize
+from etl.schema import read_dataset_spec
+from training import checkpoints
+from training.models import build_model
+from training.predict import main as predict
+
+MODEL_NAME = "cxr-score-test"
+
+
+@pytest.fixture(scope="module")
+def logged(nih_dataset, tmp_path_factory):
+    """A small_cnn checkpoint shaped like train.py's (calibrated, thresholds at an operating point), logged as
+    the pyfunc model in a run of a local MLflow store and registered as version 1."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    spec = read_dataset_spec(nih_dataset)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", spec.num_labels, "none", spec.image_size)
+    checkpoint = folder / "best_finetune.pth"
+    states = [{"method": "platt", "a": 1.5, "b": -0.3}] * spec.num_labels
+    checkpoints.save({"model": model.state_dict(), "stage": "finetune", "epoch": 1, "val_mean_auroc": 0.5,
+                      "model_name": "small_cnn", "dataset_spec": spec.to_json(), "calibration": states,
+                      "thresholds": [0.55] * (spec.num_labels - 1) + [None], "operating_point": "sens>=0.95"},
+                     checkpoint)
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store)
+        from training import serving
+
+        experiment = mlflow.MlflowClient().create_experiment("score-test", (folder / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            info = serving.log_model(checkpoint, registered_model_name=MODEL_NAME)
+        yield {"store": store, "checkpoint": checkpoint, "spec": spec, "info": info}
+
+
+def images(tmp_path):
+    """Real images of three kinds and two broken files, in one folder."""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    chosen = [*sorted(require(NIH / "images").glob("*.png"))[:4], *sorted(require(KERMANY).rglob("*.jpeg"))[:2],
+              sorted(require(DICOM).glob("*.dcm"))[0]]
+    for path in chosen:
+        (folder / path.name).symlink_to(path)
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "empty.jpeg").write_bytes(b"")
+    return folder
+
+
+def test_the_registered_model_scores_paths_and_bytes_as_predict_does(logged, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["store"])
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
+    spec = logged["spec"]
+    assert [column.name for column in model.metadata.get_input_schema().inputs] == ["path", "content", "pixels_u8"]
+    assert model.metadata.saved_input_example_info is not None  # a synthetic PNG, no patient's pixels
+    from training.serving import cached_model
+
+    local = mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path / "model"))
+    assert cached_model(local) is cached_model(local)  # what each Spark worker does: one load per process
+    folder = images(tmp_path)
+    paths = sorted(str(path) for path in folder.iterdir()) + [str(tmp_path / "gone.png")]
+    expected = predict(["--checkpoint", str(logged["checkpoint"]), *paths]).drop(columns=["image_id", "path"])
+    by_path = model.predict(pd.DataFrame({"path": paths}))
+    labels = list(spec.label_names)
+    assert list(by_path.columns) == list(expected.columns)
+    assert np.array_equal(by_path[labels].to_numpy(float), expected[labels].to_numpy(float), equal_nan=True)
+    decisions = [f"{label}_positive" for label in labels]
+    assert by_path[decisions].astype(str).equals(expected[decisions].astype(str))
+    # the same reason (Pillow's messages name the address of its buffer, which differs between calls)
+    assert (by_path["error"].str.split(":").str[0] == expected["error"].str.split(":").str[0]).all()
+    errors = dict(zip((p.rsplit("/", 1)[-1] for p in paths), by_path["error"]))
+    assert errors["broken.png"].startswith("not_an_image") and errors["empty.jpeg"].startswith("empty_file")
+    assert errors["gone.png"].startswith("image_missing") and sum(e == "" for e in errors.values()) == 7
+    assert by_path[f"{labels[-1]}_positive"].isna().all()  # no threshold for that label: no decision
+
+    contents = [open(path, "rb").read() for path in paths[:-1]] + [None]
+    by_bytes = model.predict(pd.DataFrame({"content": contents}))
+    readable = by_path["error"] == ""
+    assert np.array_equal(by_bytes.loc[readable, labels].to_numpy(float), by_path.loc[readable, labels].to_numpy(float))
+    assert by_bytes["error"].iloc[-1].startswith("no_input")
+    stored = [decode_resize(c, spec.image_size, spec.decoder).tobytes() for c, ok in zip(contents, readable) if ok]
+    by_pixels = model.predict(pd.DataFrame({"pixels_u8": stored + [b"\x00" * 7]}))
+    assert np.allclose(by_pixels[labels].to_numpy(float)[:-1], by_path.loc[readable, labels].to_numpy(float),
+                       atol=1e-9)
+    assert by_pixels["error"].iloc[-1].startswith("wrong_size")
+
+
+def test_spark_job_scores_each_image_once_per_model_version(logged, tmp_path):
+    folder = images(tmp_path)
+    table = tmp_path / "scores"
+    env = {"MLFLOW_TRACKING_URI": logged["store"]}
+    score = [BIN / "python", "jobs/score.py", "--master", "local[2]", "--model-uri", f"models:/{MODEL_NAME}/latest",
+             "--images", folder, "--table", table, "--batch-size", 3]
+    run_cli(*score, env=env)
+    rows = DeltaTable(str(table)).to_pandas().set_index("image_id").sort_index()
+    assert len(rows) == 9 and set(rows["model_uri"]) == {f"models:/{MODEL_NAME}/1"}  # `latest` pinned
+    assert rows.loc["broken.png", "error"].startswith("not_an_image")
+    assert rows.loc["empty.jpeg", "error"].startswith("empty_file")
+    assert (rows.drop(index=["broken.png", "empty.jpeg"])["error"] == "").all()
+    expected = predict(["--checkpoint", str(logged["checkpoint"]), str(folder)]).set_index("image_id").sort_index()
+    labels = list(logged["spec"].label_names)
+    # float32 kernels differ by ~3e-8 between batch sizes and thread counts (batches of 3 here, of 32 in predict)
+    assert np.allclose(rows[labels].to_numpy(float), expected[labels].to_numpy(float), atol=1e-6, equal_nan=True)
+    decisions = [f"{label}_positive" for label in labels]
+    assert (rows[decisions].fillna(-1) == expected[decisions].astype(float).fillna(-1)).all().all()
+    assert rows["scored_at"].notna().all() and (rows["path"] == [str(folder / i) for i in rows.index]).all()
+
+    shutil.copy(sorted(NIH.joinpath("images").glob("*.png"))[10], folder / "arrived_later.png")
+    run_cli(*score, env=env)  # the same model again: only the new image is scored
+    again = DeltaTable(str(table))
+    after = again.to_pandas()
+    assert len(after) == 10 and after["image_id"].is_unique and "arrived_later.png" in set(after["image_id"])
+    assert [entry["operation"] for entry in again.history()] == ["WRITE", "WRITE"]
+    assert after.set_index("image_id").loc[rows.index, "scored_at"].equals(rows["scored_at"])  # untouched
+    third = run_cli(*score, env=env)  # nothing new: no Spark, no write
+    assert "nothing to score" in third.stderr and DeltaTable(str(table)).version() == again.version()
+
+
+def test_spark_job_scores_an_etl_dataset_like_predict(logged, nih_dataset, tmp_path):
+    table = tmp_path / "scores"
+    run_cli(BIN / "python", "jobs/score.py", "--master", "local[2]", "--model-uri", f"models:/{MODEL_NAME}/1",
+            "--dataset", nih_dataset, "--split", "test", "--table", table, env={"MLFLOW_TRACKING_URI": logged["store"]})
+    rows = DeltaTable(str(table)).to_pandas().set_index("image_id").sort_index()
+    expected = predict(["--checkpoint", str(logged["checkpoint"]), str(nih_dataset), "--split", "test"])
+    expected = expected.set_index("image_id").sort_index()
+    labels = list(logged["spec"].label_names)
+    assert list(rows.index) == list(expected.index) and (rows["path"] == expected["path"]).all()
+    assert np.abs(rows[labels].to_numpy(float) - expected[labels].to_numpy(float)).max() < 1e-6
+
+
+def test_a_batch_that_fails_is_scored_row_by_row_and_bad_rows_get_a_reason():
+    from jobs.score import column_name, predict_or_explain
+
+    class Fussy:
+        def predict(self, frame, params=None):
+            if (frame["path"] == "poison").any():
+                raise RuntimeError("decoder crashed")
+            return pd.DataFrame({"A": [0.5] * len(frame), "error": [""] * len(frame)}, index=frame.index)
+
+    scored = predict_or_explain(Fussy(), pd.DataFrame({"path": ["a", "poison", "b"]}), batch_size=3)
+    assert scored["A"].tolist()[::2] == [0.5, 0.5] and np.isnan(scored["A"].iloc[1])
+    assert scored["error"].tolist() == ["", "scoring_failed: RuntimeError: decoder crashed", ""]
+    assert column_name("No Finding") == "No_Finding" and column_name("Pleural_Thickening") == "Pleural_Thickening"
