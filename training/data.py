@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from etl.schema import LABEL_MASK_COLUMN, DatasetSpec, split_dir
+from training import petastorm_fixes
 
 # The non-image inputs of fusion models (training.models.metadata_features), as the ETL names them.
 METADATA_COLUMNS = ("age", "sex", "view_position")
@@ -107,7 +107,7 @@ class SplitReader:
         from petastorm import make_batch_reader
         from petastorm.errors import NoDataAvailableError
 
-        _shorten_dummy_pool_wait()
+        petastorm_fixes.apply()
 
         try:
             reader = make_batch_reader(
@@ -157,15 +157,6 @@ class SplitReader:
         metadata = {column: rows[column].tolist() for column in METADATA_COLUMNS if column in rows} or None
         return Batch(images, targets, mask, [str(i) for i in rows["image_id"]], [str(p) for p in rows["patient_id"]],
                      metadata)
-
-
-def _shorten_dummy_pool_wait() -> None:
-    """Petastorm 0.13.1's dummy pool sleeps 0.1 s whenever its ventilator thread has not queued the
-    next row group yet, which happened about twice a pass here: a fixed cost per pass larger than
-    reading a small shard. The same wait in 1 ms steps keeps its logic and loses no time."""
-    from petastorm.workers_pool import dummy_pool
-
-    dummy_pool.sleep = lambda seconds: time.sleep(min(seconds, 0.001))
 
 
 def prefetch(iterable, depth: int = 2):
