@@ -8,7 +8,7 @@ export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 NP ?= 2
 
-.PHONY: install demo demo-data etl train results test bench bench-pneumonia clean
+.PHONY: install demo demo-data etl train results test bench bench-scale bench-pneumonia clean
 
 install:
 	bash install/setup_env.sh
@@ -32,6 +32,11 @@ test: install
 
 bench: install
 	python -m benchmarks.run
+
+# Issue-13 scale benchmark: 20,000 NIH-sized images through the ETL (local[2]) and the loader (2 and 4
+# ranks), driver-only probes at 112,120 and 1,000,000 rows; 8 min on 2 free cores, 14 with other work on them.
+bench-scale: install
+	time python -m benchmarks.scale
 
 clean:
 	rm -rf outputs demo_data
