@@ -35,6 +35,16 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.features(images), 1))
 
 
+def xavier_init(model: nn.Module) -> None:
+    """Glorot-uniform weights and zero biases for every conv and linear layer (Keras' defaults, which
+    the from-scratch networks of reports 002 and 003 start from)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 class VGGLike(nn.Module):
     """The from-scratch VGG-like net of one report: blocks of two 3x3 convs (BatchNorm, ReLU)
     and a 2x2 max pooling, 32-64-128-256 channels, a 4x4 adaptive pooling (coarse position, as
@@ -57,11 +67,7 @@ class VGGLike(nn.Module):
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4))
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(channels * 16, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5))
         self.classifier = nn.Linear(hidden, num_labels)
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        xavier_init(self)
 
     def forward(self, images):
         return self.classifier(self.fc(self.features(images[:, :1])))
@@ -359,11 +365,7 @@ class PneumoniaCNN24(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(channels * self.side ** 2, 1024), relu(), nn.Dropout(0.7),
             nn.Linear(1024, 512), relu(), nn.Dropout(0.5), nn.Linear(512, num_labels))
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        xavier_init(self)
 
     def forward(self, images):
         maps = self.separable(self.features(images))
