@@ -4,14 +4,30 @@ Install with `make install` (see install/setup_env.sh): Petastorm and Horovod ne
 that pip's resolver cannot express (Petastorm without its setuptools<70 pin, Horovod built
 from a patched sdist), so they are not listed here.
 """
-from setuptools import find_packages, setup
+from setuptools import setup
+
+# One installed top-level name: the checkout's stage folders become subpackages of cxr_pipeline
+# (cxr_pipeline/__init__.py says why). The editable install maps the same names onto the folders.
+PACKAGE_DIRS = {
+    "cxr_pipeline": "cxr_pipeline",
+    "cxr_pipeline.etl": "etl",
+    "cxr_pipeline.etl.sources": "etl/sources",
+    "cxr_pipeline.training": "training",
+    "cxr_pipeline.jobs": "jobs",
+}
+# command -> function in cxr_pipeline/cli.py, named by the command's last word
+COMMANDS = ["cxr-etl", "cxr-train", "cxr-predict", "cxr-evaluate", "cxr-ensemble", "cxr-report", "cxr-results",
+            "cxr-sweep", "cxr-relabel", "cxr-score"]
 
 setup(
     name="cxr-pipeline",
     version="0.1.0",
     description="Chest X-ray pathology pipeline: Spark ETL to Parquet, Petastorm + Horovod training, AUROC in Delta",
     python_requires=">=3.10",
-    packages=find_packages(include=["etl", "etl.*", "training", "training.*"]),
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    entry_points={"console_scripts": [f"{command} = cxr_pipeline.cli:{command.split('-')[1]}"
+                                      for command in COMMANDS]},
     # The base requirements accept what the Databricks runtimes the bundle names already ship
     # (15.4 LTS: numpy 1.23.5, pandas 1.5.3, pyarrow 14.0.1), so installing the wheel on a
     # cluster never replaces the libraries Spark runs on. Local installs pin exact versions in

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from etl import images
-from etl.images import decode_resize
+from cxr_pipeline.etl import images
+from cxr_pipeline.etl.images import decode_resize
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from etl.schema import read_dataset_spec
-from training.data import SplitReader, prefetch
-from training.inputs import InputTransform
-from training.models import build_model
-from training.precision import AMP_MODES, Precision
+from cxr_pipeline.schema import read_dataset_spec
+from cxr_pipeline.training.data import SplitReader, prefetch
+from cxr_pipeline.training.inputs import InputTransform
+from cxr_pipeline.training.models import build_model
+from cxr_pipeline.training.precision import AMP_MODES, Precision
 
 
 def loader_batches(dataset: Path, batch_size: int, pin: bool):

@@ -38,8 +38,8 @@ import torch
 from benchmarks import gpu
 from benchmarks.decode import add_figures as add_decode_figures
 from benchmarks.nih_repeat import build
-from etl.images import decode_resize, normalise
-from etl.schema import IMAGENET_MEAN, IMAGENET_STD, read_dataset_spec, split_dir
+from cxr_pipeline.etl.images import decode_resize, normalise
+from cxr_pipeline.schema import IMAGENET_MEAN, IMAGENET_STD, read_dataset_spec, split_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,7 +77,7 @@ def arrow_pixels(column, spec) -> np.ndarray:
 
 def loader_rates(dataset: Path, split: str = "train") -> tuple[float, float]:
     """(Petastorm rows/s, plain pyarrow rows/s), both ending in uint8 pixel and float32 label tensors."""
-    from training.data import SplitReader, prefetch
+    from cxr_pipeline.training.data import SplitReader, prefetch
 
     spec = read_dataset_spec(dataset)
     started = time.perf_counter()

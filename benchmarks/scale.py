@@ -49,7 +49,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from benchmarks.nih_repeat import build
-from etl.schema import SPLITS, read_dataset_spec, split_dir
+from cxr_pipeline.schema import SPLITS, read_dataset_spec, split_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -304,7 +304,7 @@ def rank_pass(dataset: str, rank: int, world: int, barrier, results) -> None:
     """One rank's pass over split=train as train_one_epoch reads it; reports to `results`."""
     import torch
 
-    from training.data import SplitReader, prefetch
+    from cxr_pipeline.training.data import SplitReader, prefetch
 
     torch.set_num_threads(1)
 
@@ -408,13 +408,13 @@ def driver_probe_steps(root: Path, events: str, clock: Stopwatch, out: dict) -> 
     import pandas as pd
     import pyarrow as pa
 
-    from etl import preprocess
-    from etl.images import choose_decoder
-    from etl.schema import DatasetSpec, metadata_columns
-    from etl.sources import nih
-    from etl.sources.manifest import index_images
-    from etl.splits import assign_splits, check_patient_disjoint, parse_fractions
-    from etl.uncertainty import spec_label_fields
+    from cxr_pipeline.etl import preprocess
+    from cxr_pipeline.etl.images import choose_decoder
+    from cxr_pipeline.schema import DatasetSpec, metadata_columns
+    from cxr_pipeline.etl.sources import nih
+    from cxr_pipeline.etl.sources.manifest import index_images
+    from cxr_pipeline.etl.splits import assign_splits, check_patient_disjoint, parse_fractions
+    from cxr_pipeline.etl.uncertainty import spec_label_fields
 
     # the pieces of build_manifest that loop in Python per row, timed on their own first
     clock("index_images", index_images, root, (".png",))
@@ -480,8 +480,8 @@ def files_written(rows: int, layout: dict, layout_rows: int) -> dict:
 def footer_probe(template: Path, files: dict, work: Path, world: int) -> dict:
     """A dataset of `files[split]` hard links per split to one real file of each split; the reads of
     every footer that the ETL (row counts, written_rows) and each loader rank (Petastorm) make."""
-    from etl.preprocess import written_rows
-    from training.data import SplitReader, split_row_count
+    from cxr_pipeline.etl.preprocess import written_rows
+    from cxr_pipeline.training.data import SplitReader, split_row_count
 
     dataset = fresh(work / "footer_probe")
     for split, count in files.items():

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from etl.pixels import MAX_PIXELS, ImageError, to_grey_u8
+from cxr_pipeline.etl.pixels import MAX_PIXELS, ImageError, to_grey_u8
 
 DICM_OFFSET, DICM_MAGIC = 128, b"DICM"  # Part 10 files: a 128-byte preamble, then 'DICM'
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from etl.sources import SOURCES, label_manifest
-from etl.sources.nih import NO_FINDING
-from etl.splits import DEFAULT_FRACTIONS, assign_splits, parse_fractions
-from etl.subsets import class_membership
+from cxr_pipeline.etl.sources import SOURCES, label_manifest
+from cxr_pipeline.etl.sources.nih import NO_FINDING
+from cxr_pipeline.etl.splits import DEFAULT_FRACTIONS, assign_splits, parse_fractions
+from cxr_pipeline.etl.subsets import class_membership
 
 SPLIT_ORDER = ("train", "val", "test")
 SPLIT_COLOURS = {"train": "#4C72B0", "val": "#DD8452", "test": "#55A868"}

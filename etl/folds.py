@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from etl.schema import FOLD_COLUMN, read_dataset_spec, split_dir
+from cxr_pipeline.schema import FOLD_COLUMN, read_dataset_spec, split_dir
 
 TRAIN_VAL = ("train", "val")
 

@@ -42,7 +42,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from etl.pixels import MAX_PIXELS, SIXTEEN_BIT_GREY, ImageError, stretch_to_u8, to_grey_u8
+from cxr_pipeline.etl.pixels import MAX_PIXELS, SIXTEEN_BIT_GREY, ImageError, stretch_to_u8, to_grey_u8
 
 try:
     import cv2
@@ -168,7 +168,7 @@ def decode_resize(data: bytes, size: int, decoder: str | None = None) -> np.ndar
     if not data:
         raise ImageError("empty_file", "file has zero bytes")
     if data[128:132] == b"DICM":  # DICOM Part 10: its window and photometry need pydicom
-        from etl.dicom_images import decode_resize_dicom
+        from cxr_pipeline.etl.dicom_images import decode_resize_dicom
         return decode_resize_dicom(data, size)
     image = open_checked(data)
     if chosen == "opencv":

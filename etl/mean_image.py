@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from etl.schema import split_dir
+from cxr_pipeline.schema import split_dir
 
 MEAN_IMAGE_FILE = "_mean_image.npz"
 

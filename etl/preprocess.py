@@ -27,16 +27,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from etl.config import dump_config, parse_args
-from etl.hold_points import hold_at
-from etl.images import DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise
-from etl.mean_image import compute_mean_image, write_mean_image
-from etl.schema import FOLD_COLUMN, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, metadata_columns, split_dir
-from etl.sources import SOURCES, get_source, manifest_options, side_tables
-from etl.sources.manifest import REJECT_COLUMNS, resolve_inside
-from etl.splits import assign_folds, assign_splits, check_patient_disjoint, fold_split, parse_fractions
-from etl.subsets import balanced_subset, class_membership, parse_targets
-from etl.uncertainty import BLANK_POLICIES, spec_label_fields
+from cxr_pipeline.config import dump_config, parse_args
+from cxr_pipeline.etl.hold_points import hold_at
+from cxr_pipeline.etl.images import DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise
+from cxr_pipeline.etl.mean_image import compute_mean_image, write_mean_image
+from cxr_pipeline.schema import FOLD_COLUMN, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, metadata_columns, split_dir
+from cxr_pipeline.etl.sources import SOURCES, get_source, manifest_options, side_tables
+from cxr_pipeline.etl.sources.manifest import REJECT_COLUMNS, resolve_inside
+from cxr_pipeline.etl.splits import assign_folds, assign_splits, check_patient_disjoint, fold_split, parse_fractions
+from cxr_pipeline.etl.subsets import balanced_subset, class_membership, parse_targets
+from cxr_pipeline.etl.uncertainty import BLANK_POLICIES, spec_label_fields
 
 log = logging.getLogger("etl")
 QUARANTINE_SPLIT = "quarantine"

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from etl.sources import SOURCES, label_manifest
-from etl.sources.nih import NO_FINDING
-from etl.splits import DEFAULT_FRACTIONS, assign_splits, parse_fractions, patient_uniform
+from cxr_pipeline.etl.sources import SOURCES, label_manifest
+from cxr_pipeline.etl.sources.nih import NO_FINDING
+from cxr_pipeline.etl.splits import DEFAULT_FRACTIONS, assign_splits, parse_fractions, patient_uniform
 
 
 def class_membership(rows: pd.DataFrame, label_names: Sequence[str]) -> pd.DataFrame:

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from etl.schema import LABEL_MASK_COLUMN, MULTICLASS_POLICY, read_dataset_spec
-from etl.sources.manifest import Manifest
+from cxr_pipeline.schema import LABEL_MASK_COLUMN, MULTICLASS_POLICY, read_dataset_spec
+from cxr_pipeline.etl.sources.manifest import Manifest
 
 U_ZEROS, U_ONES, U_IGNORE, U_SELFTRAINED = "U-Zeros", "U-Ones", "U-Ignore", "U-SelfTrained"
 U_MULTICLASS = MULTICLASS_POLICY

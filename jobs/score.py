@@ -47,9 +47,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from etl.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
-from training.label_files import DECISION_SUFFIX, ERROR_COLUMN
-from training.results import ENGINES, is_table_name
+from cxr_pipeline.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
+from cxr_pipeline.training.label_files import DECISION_SUFFIX, ERROR_COLUMN
+from cxr_pipeline.training.results import ENGINES, is_table_name
 
 log = logging.getLogger("score")
 KEY = ("image_id", "model_uri")
@@ -176,7 +176,7 @@ def partition_scorer(model_folder_name: str, model_uri: str, input_column: str, 
     def score(batches):
         from pyspark import SparkFiles
 
-        from training.serving import cached_model
+        from cxr_pipeline.training.serving import cached_model
 
         model = cached_model(SparkFiles.get(model_folder_name))  # once per Python worker
         for batch in batches:
@@ -212,7 +212,7 @@ def spark_session(args):
 
 def images_to_score(args, done: set[str]) -> tuple[pd.DataFrame, int]:
     """(image_id and path of the listed images not in `done`, how many were), on the driver: no Spark needed."""
-    from training.predict import image_paths
+    from cxr_pipeline.training.predict import image_paths
 
     listed = pd.DataFrame([(image_id, str(path)) for image_id, path in image_paths(args.images)],
                           columns=["image_id", "path"]).drop_duplicates("image_id")

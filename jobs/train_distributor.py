@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from training.results import is_table_name, publish, read_results
+from cxr_pipeline.training.results import is_table_name, publish, read_results
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train.py"
 
@@ -63,8 +63,8 @@ def main(argv=None) -> None:
 def with_run_folder_table(train_args: list[str]) -> tuple[list[str], str, str]:
     """train.py arguments that write the results into RUN_DIR/results_delta, that folder, and
     the run id (set here when the arguments name none, so the folder is known in advance)."""
-    from etl.config import parse_args
-    from training.train import build_parser, new_run_id
+    from cxr_pipeline.config import parse_args
+    from cxr_pipeline.training.train import build_parser, new_run_id
 
     resolved = parse_args(build_parser(), "train", train_args)
     run_id = resolved.run_id or new_run_id()

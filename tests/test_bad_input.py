@@ -1,5 +1,4 @@
 """The ETL's bad-input battery: every case gets its reason, nothing is lost, counts reconcile."""
-import io
 import json
 import shutil
 
@@ -10,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import KERMANY, NIH, require, spark_etl
-from etl.images import MAX_PIXELS
+from cxr_pipeline.etl.images import MAX_PIXELS
 
 HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
 

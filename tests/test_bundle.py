@@ -122,7 +122,8 @@ def test_the_bundle_deploys_as_written_from_a_clean_checkout(checkout):
     assert problems(checkout) == []
     (wheel,) = (checkout / "dist").glob("*.whl")  # built inside the bundle root, from setup.py
     names = zipfile.ZipFile(wheel).namelist()
-    assert "etl/preprocess.py" in names and "training/train.py" in names
+    assert "cxr_pipeline/etl/preprocess.py" in names and "cxr_pipeline/training/train.py" in names
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"cxr_pipeline"}
 
 
 def test_targets_schedules_identity_and_results_table():
@@ -174,11 +175,11 @@ def test_sweep_job_trains_every_grid_cell_in_parallel_after_its_etl_then_compare
     """cxr_sweep: an ETL task per size; a training task per (model, size) cell on a GPU cluster of its own that
     waits only for its size's ETL; a compare task after all of them, even failed ones. Every task's parameters
     parse with the argparse of the command it runs, and the compare task reads where the training tasks write."""
-    from etl.config import parse_args
-    from etl.preprocess import build_parser as etl_parser
-    from jobs.train_distributor import with_run_folder_table
-    from training import sweep
-    from training.train import build_parser as train_parser
+    from cxr_pipeline.config import parse_args
+    from cxr_pipeline.etl.preprocess import build_parser as etl_parser
+    from cxr_pipeline.jobs.train_distributor import with_run_folder_table
+    from cxr_pipeline.training import sweep
+    from cxr_pipeline.training.train import build_parser as train_parser
 
     _, jobs = target_view(load_bundle(ROOT)[0], "prod")
     tasks = {task.task_key: task for task in jobs["cxr_sweep"].tasks}
@@ -219,8 +220,8 @@ def test_scoring_job_scores_new_images_nightly_with_the_registered_model_into_a_
     """cxr_score_nightly: jobs/score.py on an ML runtime (torch and mlflow ship with it), its parameters parsed by
     the job's own argparse: a registry alias it resolves to a fixed version, the incoming folder, and a Unity
     Catalog table written through Delta on Spark (the deltalake engine refuses catalog names)."""
-    from jobs.score import build_parser as score_parser
-    from jobs.score import resolve_model_uri
+    from cxr_pipeline.jobs.score import build_parser as score_parser
+    from cxr_pipeline.jobs.score import resolve_model_uri
 
     bundle = load_bundle(ROOT)[0]
     _, jobs = target_view(bundle, "prod")
@@ -280,8 +281,8 @@ def test_a_broken_copy_of_the_bundle_is_caught(checkout, tmp_path, damage, expec
 def test_a_catalog_table_is_written_by_the_driver_from_the_run_folder(tmp_path):
     """train.py never needs Spark: given a Unity Catalog name, the job entry point sends its rows
     to RUN_DIR/results_delta (with a run id fixed in advance) and appends them from the driver."""
-    from jobs.train_distributor import with_run_folder_table
-    from training.results import append_results, is_table_name
+    from cxr_pipeline.jobs.train_distributor import with_run_folder_table
+    from cxr_pipeline.training.results import append_results, is_table_name
 
     args, staging, run_id = with_run_folder_table(["--dataset", "d", "--output-dir", str(tmp_path / "runs")])
     assert staging == str(tmp_path / "runs" / run_id / "results_delta")

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import CHEXPERT_TRAIN_CSV, require, run_cli, spark_etl
 from conftest import chexpert_table as real_table, write_chexpert_images as write_images
-from etl.schema import DatasetSpec, read_dataset_spec
-from etl.sources import chexpert
-from etl.uncertainty import apply_policy, parse_policies, spec_label_fields
+from cxr_pipeline.schema import DatasetSpec, read_dataset_spec
+from cxr_pipeline.etl.sources import chexpert
+from cxr_pipeline.etl.uncertainty import apply_policy, parse_policies, spec_label_fields
 
 POLICY = "U-Zeros,Atelectasis=U-Ones,Cardiomegaly=U-MultiClass,Consolidation=U-SelfTrained"
 
@@ -177,7 +177,7 @@ def test_training_honours_mask_and_three_way_head_then_self_trains_in_two_passes
     split), relabel its uncertain entries with those scores, train again on the result (pass 2)."""
     from deltalake import DeltaTable
 
-    from training import checkpoints
+    from cxr_pipeline.training import checkpoints
 
     output, _ = chexpert_dataset
     first = train(output, tmp_path / "pass1", "--predict-train")
@@ -216,5 +216,5 @@ def test_another_fold_becomes_val_without_decoding_again(chexpert_dataset, tmp_p
     merged = before.set_index("image_id").loc[after["image_id"], "pixels_u8"]
     assert (merged.to_numpy() == after["pixels_u8"].to_numpy()).all()
     with pytest.raises(SystemExit, match="0..2"):
-        from etl.folds import main as folds
+        from cxr_pipeline.etl.folds import main as folds
         folds(["--dataset", str(output), "--fold", "3", "--output", str(tmp_path / "fold3")])

@@ -13,9 +13,9 @@ import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from conftest import DICOM, require, spark_etl
-from etl.dicom_images import dicom_to_grey_u8
-from etl.images import ImageError, decode_resize
-from etl.sources import dicom
+from cxr_pipeline.etl.dicom_images import dicom_to_grey_u8
+from cxr_pipeline.etl.images import ImageError, decode_resize
+from cxr_pipeline.etl.sources import dicom
 
 FILES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm")
 IDENTIFYING_VRS = ("PN", "DA", "DT", "TM", "UI", "LO", "SH")

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import NIH, require, spark_etl
-from etl.images import decode_resize
-from etl.schema import read_dataset_spec
-from etl.sources.nih import LABEL_NAMES
+from cxr_pipeline.etl.images import decode_resize
+from cxr_pipeline.schema import read_dataset_spec
+from cxr_pipeline.etl.sources.nih import LABEL_NAMES
 
 
 def read_split(dataset, split):

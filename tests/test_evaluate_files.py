@@ -5,8 +5,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import NIH, require
-from etl.sources.nih import LABEL_NAMES, parse_labels
-from training.evaluate import main as evaluate
+from cxr_pipeline.etl.sources.nih import LABEL_NAMES, parse_labels
+from cxr_pipeline.training.evaluate import main as evaluate
 
 
 def noisy_scores(truth: np.ndarray, seed: int) -> np.ndarray:

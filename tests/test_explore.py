@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import CHEXPERT_TRAIN_CSV, NIH, require
-from etl.explore import cooccurrence, counts_by_split, main, prevalence_by
+from cxr_pipeline.etl.explore import cooccurrence, counts_by_split, main, prevalence_by
 
 PLOTS = ("positives_by_split", "cooccurrence", "age", "label_mix_by_sex", "label_mix_by_view")
 

@@ -17,9 +17,9 @@ import torch
 
 from conftest import BIN, NIH, ROOT, require, run_cli, spark_etl
 from test_training import train_args
-from etl.hold_points import VARIABLE
-from training import checkpoints
-from training.results import append_results, read_results
+from cxr_pipeline.etl.hold_points import VARIABLE
+from cxr_pipeline.training import checkpoints
+from cxr_pipeline.training.results import append_results, read_results
 
 
 def sha256(path):

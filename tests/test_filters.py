@@ -3,9 +3,9 @@ import numpy as np
 from PIL import Image
 
 from conftest import BIN, run_cli
-from training import checkpoints
-from training.filters import CELL, GAP, ZOOM, main as filters
-from training.report import main as report
+from cxr_pipeline.training import checkpoints
+from cxr_pipeline.training.filters import CELL, GAP, ZOOM, main as filters
+from cxr_pipeline.training.report import main as report
 
 
 def test_kernel_grids_of_a_trained_vgg_like_skip_the_input_layer(nih_dataset, tmp_path):

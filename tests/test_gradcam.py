@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import BIN, NIH, run_cli, spark_etl
-from etl.demo_data import generate, zone_centres
-from etl.images import decode_resize
-from etl.sources.nih import LABEL_NAMES
-from training import predict
-from training.inputs import stored_pixels
-from training.gradcam import class_activation_map, default_method, peak_inside, target_layer
-from training.models import MODELS, build_model, metadata_features, uses_metadata
+from cxr_pipeline.etl.demo_data import generate, zone_centres
+from cxr_pipeline.etl.images import decode_resize
+from cxr_pipeline.etl.sources.nih import LABEL_NAMES
+from cxr_pipeline.training import predict
+from cxr_pipeline.training.inputs import stored_pixels
+from cxr_pipeline.training.gradcam import class_activation_map, default_method, peak_inside, target_layer
+from cxr_pipeline.training.models import MODELS, build_model, metadata_features, uses_metadata
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -119,7 +119,7 @@ def test_pointing_game_on_the_real_nih_boxes(nih_dataset, tmp_path):
     """The 5 real NIH images of the sample with boxes: boxes scaled to the stored size, one
     verdict and one overlay per box. (With a model trained on 69 images the hit rate itself
     says nothing; the check is that the game is played on the right boxes.)"""
-    from training.localisation import main as localisation
+    from cxr_pipeline.training.localisation import main as localisation
 
     run_cli(BIN / "python", "training/train.py", "--dataset", nih_dataset, "--output-dir", tmp_path / "runs",
             "--results-table", tmp_path / "results", "--model", "small_cnn", "--weights", "none", "--stages", "finetune",

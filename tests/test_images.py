@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import KERMANY, NIH, ROOT, require
-from etl import images
-from etl.images import MAX_PIXELS, DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise, to_grey_u8
+from cxr_pipeline.etl import images
+from cxr_pipeline.etl.images import MAX_PIXELS, DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise, to_grey_u8
 
 RGBA_NIH = ["00000100_000.png", "00001369_000.png", "00002578_000.png", "00004934_000.png",
             "00005224_000.png", "00005813_000.png"]
@@ -205,7 +205,7 @@ def test_etl_images_imports_and_decodes_without_cv2():
     """A fresh interpreter where `import cv2` fails: the module loads and Pillow decodes."""
     script = ("import sys; sys.modules['cv2'] = None\n"
               "import numpy as np; from PIL import Image; import io\n"
-              "from etl import images\n"
+              "from cxr_pipeline.etl import images\n"
               "buffer = io.BytesIO(); Image.new('L', (32, 32), 9).save(buffer, format='PNG')\n"
               "grey = images.decode_resize(buffer.getvalue(), 16)\n"
               "print(images.choose_decoder(), grey.shape, int(grey.max()), bool(images.CV2_MISSING))\n")

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import BIN, NIH, run_cli
-from etl.images import choose_decoder
-from etl.mean_image import read_mean_image
-from etl.schema import read_dataset_spec
-from training.data import SplitReader
-from training.inputs import InputTransform
-from training.models import build_model
-from training.predict import main as predict, read_batches
+from cxr_pipeline.etl.images import choose_decoder
+from cxr_pipeline.etl.mean_image import read_mean_image
+from cxr_pipeline.schema import read_dataset_spec
+from cxr_pipeline.training.data import SplitReader
+from cxr_pipeline.training.inputs import InputTransform
+from cxr_pipeline.training.models import build_model
+from cxr_pipeline.training.predict import main as predict, read_batches
 
 
 def stored_train_pixels(dataset, spec) -> np.ndarray:

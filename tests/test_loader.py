@@ -4,10 +4,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from etl.mean_image import MEAN_IMAGE_FILE
-from etl.schema import read_dataset_spec
-from training.data import SplitReader, prefetch, split_row_count
-from training.inputs import InputTransform
+from cxr_pipeline.etl.mean_image import MEAN_IMAGE_FILE
+from cxr_pipeline.schema import read_dataset_spec
+from cxr_pipeline.training.data import SplitReader, prefetch, split_row_count
+from cxr_pipeline.training.inputs import InputTransform
 
 
 def test_batches_carry_the_stored_uint8_pixels(nih_dataset):

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import KERMANY, require, spark_etl
-from etl.sources import pneumonia
-from etl.splits import SplitLeakError, assign_splits, check_patient_disjoint
+from cxr_pipeline.etl.sources import pneumonia
+from cxr_pipeline.etl.splits import SplitLeakError, assign_splits, check_patient_disjoint
 
 KERMANY_ROOT = KERMANY.parent
 

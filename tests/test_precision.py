@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from training.models import build_model
-from training.precision import Precision
+from cxr_pipeline.training.models import build_model
+from cxr_pipeline.training.precision import Precision
 
 CPU = torch.device("cpu")
 

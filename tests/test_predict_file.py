@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import BIN, NIH, require, run_cli
-from etl.schema import read_dataset_spec
-from training import calibration, checkpoints
-from training.models import build_model
-from training.predict import main as predict
+from cxr_pipeline.schema import read_dataset_spec
+from cxr_pipeline.training import calibration, checkpoints
+from cxr_pipeline.training.models import build_model
+from cxr_pipeline.training.predict import main as predict
 
 
 def save_checkpoint(path, spec, calibrated=True):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import BIN, KERMANY, NIH, ROOT, chexpert_table, require, run_cli, spark_etl, write_chexpert_images
-from training import checkpoints
+from cxr_pipeline.training import checkpoints
 
 RECIPES = sorted((ROOT / "conf" / "recipes").glob("*.yaml"))
 SIZE = 64
@@ -78,8 +78,8 @@ def test_recipe_runs_its_etl_and_one_step_per_stage_on_real_data(recipe, tmp_pat
 
 
 def test_report001_recipe_holds_its_table_as_a_sweep():
-    from etl.config import parse_args
-    from training.sweep import build_parser
+    from cxr_pipeline.config import parse_args
+    from cxr_pipeline.training.sweep import build_parser
 
     recipe = ROOT / "conf" / "recipes" / "report001_nih_kt_finetune.yaml"
     args = parse_args(build_parser(), "sweep", ["--config", str(recipe)])

@@ -4,9 +4,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from etl.schema import read_dataset_spec
-from training.data import SplitReader, label_table
-from training.sampling import Oversampler
+from cxr_pipeline.schema import read_dataset_spec
+from cxr_pipeline.training.data import SplitReader, label_table
+from cxr_pipeline.training.sampling import Oversampler
 
 
 def test_binary_minority_is_repeated_up_to_the_majority():

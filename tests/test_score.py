@@ -11,11 +11,11 @@ import torch
 from deltalake import DeltaTable
 
 from conftest import BIN, DICOM, KERMANY, NIH, require, run_cli
-from etl.images import decode_resize
-from etl.schema import read_dataset_spec
-from training import checkpoints
-from training.models import build_model
-from training.predict import main as predict
+from cxr_pipeline.etl.images import decode_resize
+from cxr_pipeline.schema import read_dataset_spec
+from cxr_pipeline.training import checkpoints
+from cxr_pipeline.training.models import build_model
+from cxr_pipeline.training.predict import main as predict
 
 MODEL_NAME = "cxr-score-test"
 
@@ -39,7 +39,7 @@ def logged(nih_dataset, tmp_path_factory):
     store = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", store)
-        from training import serving
+        from cxr_pipeline.training import serving
 
         experiment = mlflow.MlflowClient().create_experiment("score-test", (folder / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
@@ -68,7 +68,7 @@ def test_the_registered_model_scores_paths_and_bytes_as_predict_does(logged, tmp
     spec = logged["spec"]
     assert [column.name for column in model.metadata.get_input_schema().inputs] == ["path", "content", "pixels_u8"]
     assert model.metadata.saved_input_example_info is not None  # a synthetic PNG, no patient's pixels
-    from training.serving import cached_model
+    from cxr_pipeline.training.serving import cached_model
 
     local = mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path / "model"))
     assert cached_model(local) is cached_model(local)  # what each Spark worker does: one load per process
@@ -144,7 +144,7 @@ def test_spark_job_scores_an_etl_dataset_like_predict(logged, nih_dataset, tmp_p
 
 
 def test_a_batch_that_fails_is_scored_row_by_row_and_bad_rows_get_a_reason():
-    from jobs.score import column_name, predict_or_explain
+    from cxr_pipeline.jobs.score import column_name, predict_or_explain
 
     class Fussy:
         def predict(self, frame, params=None):

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from conftest import KERMANY, NIH, require
-from etl.sources import nih, pneumonia
+from cxr_pipeline.etl.sources import nih, pneumonia
 
 
 def test_nih_sample_manifest_matches_the_csv():

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from conftest import NIH, require
-from etl.splits import SplitLeakError, assign_splits, check_patient_disjoint, parse_fractions
+from cxr_pipeline.etl.splits import SplitLeakError, assign_splits, check_patient_disjoint, parse_fractions
 
 
 @pytest.fixture(scope="module")

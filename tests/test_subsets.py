@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import NIH, require
-from etl.sources import label_manifest, nih, side_tables
-from etl.splits import assign_folds, assign_splits, check_patient_disjoint, fold_split
-from etl.subsets import balanced_subset, class_membership, main, parse_targets, subset_counts
+from cxr_pipeline.etl.sources import label_manifest, nih, side_tables
+from cxr_pipeline.etl.splits import assign_folds, assign_splits, check_patient_disjoint, fold_split
+from cxr_pipeline.etl.subsets import balanced_subset, class_membership, main, parse_targets, subset_counts
 
 TARGETS = "2000,No Finding=10000"
 

@@ -9,10 +9,10 @@ import yaml
 from deltalake import DeltaTable
 
 from conftest import BIN, run_cli
-from etl.sources.nih import LABEL_NAMES
-from training import sweep
-from training.evaluate import main as evaluate
-from training.results import read_results
+from cxr_pipeline.etl.sources.nih import LABEL_NAMES
+from cxr_pipeline.training import sweep
+from cxr_pipeline.training.evaluate import main as evaluate
+from cxr_pipeline.training.results import read_results
 
 MODELS = ["small_cnn", "resnet18"]
 STAGES = ["kt", "finetune"]

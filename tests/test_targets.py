@@ -7,10 +7,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from etl.schema import DatasetSpec
-from training.metrics import bootstrap_auroc_ci, per_label_auroc
-from training.operating_points import Policy, choose_thresholds
-from training.targets import LabelLayout, LabelLoss, positive_weights
+from cxr_pipeline.schema import DatasetSpec
+from cxr_pipeline.training.metrics import bootstrap_auroc_ci, per_label_auroc
+from cxr_pipeline.training.operating_points import Policy, choose_thresholds
+from cxr_pipeline.training.targets import LabelLayout, LabelLoss, positive_weights
 
 NAMES = ("Atelectasis", "Cardiomegaly", "Edema")
 

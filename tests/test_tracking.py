@@ -10,9 +10,9 @@ import pytest
 from deltalake import write_deltalake
 
 from conftest import BIN, KERMANY, NIH, require, run_cli
-from training import tracking
-from training.distributed import Single
-from training.results import RESULT_SCHEMA, append_results, read_results
+from cxr_pipeline.training import tracking
+from cxr_pipeline.training.distributed import Single
+from cxr_pipeline.training.results import RESULT_SCHEMA, append_results, read_results
 
 NO_SERVER = {"MLFLOW_TRACKING_URI": "", "MLFLOW_EXPERIMENT_NAME": ""}  # the local store in the run's folder
 
@@ -34,7 +34,7 @@ def test_a_training_run_is_an_mlflow_run_whose_model_scores_like_predict(nih_dat
     import mlflow
     from mlflow import MlflowClient
 
-    from training.predict import main as predict
+    from cxr_pipeline.training.predict import main as predict
 
     train(nih_dataset, tmp_path, "--epochs-kt", 1, "--epochs-finetune", 2, "--register-model", "cxr-nih-test")
     (run_dir,) = (tmp_path / "runs").iterdir()  # the store lives in the run's folder: runs/ holds runs only
@@ -107,9 +107,9 @@ def test_a_resumed_run_continues_its_mlflow_run_and_no_mlflow_logs_nothing(nih_d
 
 STARTER = """
 import argparse, sys
-from etl.schema import DatasetSpec
-from training import tracking
-from training.distributed import Single
+from cxr_pipeline.schema import DatasetSpec
+from cxr_pipeline.training import tracking
+from cxr_pipeline.training.distributed import Single
 args = argparse.Namespace(run_id=sys.argv[2], resume=None, dataset="d", no_mlflow=False, register_model=None,
                           mlflow_experiment=None)
 print(tracking.start(args, __import__("pathlib").Path(sys.argv[1]) / sys.argv[2], DatasetSpec("nih", ("A",), 8),

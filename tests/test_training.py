@@ -1,6 +1,5 @@
 """train.py end to end on the real NIH partitions: one process, torchrun and horovodrun, Delta rows."""
 import importlib.util
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -8,8 +7,8 @@ import torch
 from deltalake import DeltaTable
 
 from conftest import BIN, NIH, run_cli
-from etl.sources.nih import LABEL_NAMES
-from training.results import read_results
+from cxr_pipeline.etl.sources.nih import LABEL_NAMES
+from cxr_pipeline.training.results import read_results
 
 ROWS_PER_STAGE = 2 * (len(LABEL_NAMES) + 1)  # val and test, each label plus the mean
 
@@ -70,7 +69,7 @@ def test_single_process_two_stages_and_appends_to_delta(nih_dataset, tmp_path):
 
 
 def test_predict_prints_probabilities_and_writes_overlays_for_a_fusion_model(nih_dataset, tmp_path):
-    from training.predict import main as predict
+    from cxr_pipeline.training.predict import main as predict
 
     run_cli(BIN / "python", *train_args(nih_dataset, tmp_path, "--model", "small_cnn+meta", "--stages", "finetune"))
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -90,7 +89,7 @@ def test_predict_prints_probabilities_and_writes_overlays_for_a_fusion_model(nih
 def test_evaluate_command_reproduces_the_delta_rows_from_the_predictions_file(nih_dataset, tmp_path):
     run_cli(BIN / "python", *train_args(nih_dataset, tmp_path, "--stages", "kt"))
     (run_dir,) = (tmp_path / "runs").iterdir()
-    from training.evaluate import main as evaluate
+    from cxr_pipeline.training.evaluate import main as evaluate
 
     report = evaluate(["--dataset", str(nih_dataset), "--split", "test",
                        "--predictions", str(run_dir / "predictions_kt_test.csv"), "--roc-png", str(tmp_path / "r.png")])
@@ -103,7 +102,7 @@ def test_evaluate_command_reproduces_the_delta_rows_from_the_predictions_file(ni
 
 
 def test_evaluate_refuses_predictions_for_images_outside_the_split(nih_dataset, tmp_path):
-    from training.evaluate import main as evaluate
+    from cxr_pipeline.training.evaluate import main as evaluate
 
     pd.DataFrame({"image_id": ["not-an-image.png"], **{name: [0.5] for name in LABEL_NAMES}}).to_csv(
         tmp_path / "p.csv", index=False)
@@ -152,9 +151,9 @@ def test_torch_distributor_local_mode_runs_the_same_training(nih_dataset, tmp_pa
 
 
 def test_ensemble_of_the_best_epochs_averages_members_and_scores_like_a_model(nih_dataset, tmp_path):
-    from etl.schema import read_dataset_spec
-    from training import checkpoints
-    from training.ensemble import main as ensemble, score_checkpoint
+    from cxr_pipeline.schema import read_dataset_spec
+    from cxr_pipeline.training import checkpoints
+    from cxr_pipeline.training.ensemble import main as ensemble, score_checkpoint
 
     run_cli(BIN / "python", *train_args(nih_dataset, tmp_path, "--stages", "finetune", "--epochs-finetune", 3,
                                         "--keep-epochs", 2))
@@ -175,7 +174,7 @@ def test_ensemble_of_the_best_epochs_averages_members_and_scores_like_a_model(ni
     assert ((averaged - (epochs[0] + epochs[1] + best) / 3).abs().to_numpy().max()) < 1e-5
     rows = read_results(str(tmp_path / "results")).query("model == 'ensemble'")
     assert len(rows) == len(LABEL_NAMES) + 1 and rows.set_index("label").loc["mean", "auroc"] == report[-1]["auroc"]
-    from training.report import main as write_report  # the ensemble is the table's latest run
+    from cxr_pipeline.training.report import main as write_report  # the ensemble is the table's latest run
 
     page = write_report(["--table", str(tmp_path / "results")]).read_text()
     assert "ensemble &mdash; test" in page and rows["run_id"].iloc[0] in page

@@ -25,7 +25,7 @@ import numpy as np
 from scipy.optimize import minimize
 from sklearn.isotonic import IsotonicRegression
 
-from training.metrics import known
+from cxr_pipeline.training.metrics import known
 
 METHODS = ("auto", "temperature", "platt", "isotonic", "none")
 ISOTONIC_MIN_PER_CLASS = 500

@@ -3,7 +3,7 @@
 Each rank reads its own share of row groups (`make_batch_reader(cur_shard=rank,
 shard_count=world_size)`), so the ranks together read every row exactly once per pass.
 Sizes and label names come from the dataset's own metadata
-(:func:`etl.schema.read_dataset_spec`), never from flags. Batches carry the pixels as stored
+(:func:`cxr_pipeline.schema.read_dataset_spec`), never from flags. Batches carry the pixels as stored
 (grey uint8), pinned when a GPU will receive them; training.inputs turns them into model input
 on the device.
 """
@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from etl.schema import LABEL_MASK_COLUMN, DatasetSpec, split_dir
-from training import petastorm_fixes
+from cxr_pipeline.schema import LABEL_MASK_COLUMN, DatasetSpec, split_dir
+from cxr_pipeline.training import petastorm_fixes
 
 # The non-image inputs of fusion models (training.models.metadata_features), as the ETL names them.
 METADATA_COLUMNS = ("age", "sex", "view_position")

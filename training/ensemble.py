@@ -24,14 +24,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from etl.schema import DatasetSpec, read_dataset_spec
-from training import predict
-from training.data import METADATA_COLUMNS, SplitReader
-from training.evaluate import print_report, score
-from training.metrics import mean_auroc, per_label_auroc
-from training.models import metadata_features, uses_metadata
-from training.plots import roc_curves
-from training.results import ENGINES, append_results
+from cxr_pipeline.schema import DatasetSpec, read_dataset_spec
+from cxr_pipeline.training import predict
+from cxr_pipeline.training.data import METADATA_COLUMNS, SplitReader
+from cxr_pipeline.training.evaluate import print_report, score
+from cxr_pipeline.training.metrics import mean_auroc, per_label_auroc
+from cxr_pipeline.training.models import metadata_features, uses_metadata
+from cxr_pipeline.training.plots import roc_curves
+from cxr_pipeline.training.results import ENGINES, append_results
 
 
 @torch.no_grad()

@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from etl.schema import LABEL_MASK_COLUMN, DatasetSpec, read_dataset_spec, split_dir
-from training import calibration, label_files
-from training.label_files import Aligned
-from training.metrics import auroc_report
-from training.plots import reliability_diagram, roc_curves
-from training.report import STYLE, image_tag, number_table
-from training.results import append_results
-from training.targets import LabelLayout
+from cxr_pipeline.schema import LABEL_MASK_COLUMN, DatasetSpec, read_dataset_spec, split_dir
+from cxr_pipeline.training import calibration, label_files
+from cxr_pipeline.training.label_files import Aligned
+from cxr_pipeline.training.metrics import auroc_report
+from cxr_pipeline.training.plots import reliability_diagram, roc_curves
+from cxr_pipeline.training.report import STYLE, image_tag, number_table
+from cxr_pipeline.training.results import append_results
+from cxr_pipeline.training.targets import LabelLayout
 
 
 def load_truth(dataset: Path, split: str, spec: DatasetSpec) -> pd.DataFrame:

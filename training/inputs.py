@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from etl.mean_image import read_mean_image
-from etl.schema import DatasetSpec
+from cxr_pipeline.etl.mean_image import read_mean_image
+from cxr_pipeline.schema import DatasetSpec
 
 NORMALISATIONS = ("dataset", "mean-image")
 

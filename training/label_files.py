@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from etl.sources import chexpert, nih
+from cxr_pipeline.etl.sources import chexpert, nih
 
 ID_COLUMNS = ("image_id", "Image Index", "Path", "path", "image", "filename")
 PATIENT_COLUMNS = ("patient_id", "Patient ID", "PatientID", "patient")

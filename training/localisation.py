@@ -19,12 +19,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from etl.schema import read_dataset_spec, split_dir
-from training import predict
-from training.data import METADATA_COLUMNS
-from training.inputs import stored_pixels
-from training.gradcam import class_activation_map, default_method, overlay, peak_inside, target_layer
-from training.models import metadata_features, uses_metadata
+from cxr_pipeline.schema import read_dataset_spec, split_dir
+from cxr_pipeline.training import predict
+from cxr_pipeline.training.data import METADATA_COLUMNS
+from cxr_pipeline.training.inputs import stored_pixels
+from cxr_pipeline.training.gradcam import class_activation_map, default_method, overlay, peak_inside, target_layer
+from cxr_pipeline.training.models import metadata_features, uses_metadata
 
 NIH_ORIGINAL_SIZE = 1024
 BOXES = Path("_side") / "bounding_boxes.parquet"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.metrics import known, patient_resample_weights
+from cxr_pipeline.training.metrics import known, patient_resample_weights
 
 DEFAULT_POLICIES = ("sens>=0.95", "youden", "f1", "spec>=0.95", "prevalence=0.5")
 POLICY_PATTERN = re.compile(r"^(youden|f1)$|^(sens|spec)>=(0?\.\d+|1(\.0*)?)$|^prevalence=(0?\.\d+)$")

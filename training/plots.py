@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from training.metrics import known  # noqa: E402
+from cxr_pipeline.training.metrics import known  # noqa: E402
 
 
 def roc_curves(labels: np.ndarray, scores: np.ndarray, report: list[dict], path: Path, title: str) -> None:
@@ -60,7 +60,7 @@ def training_curves(summary_csv: Path, path: Path) -> None:
 def reliability_diagram(labels: np.ndarray, series: dict[str, np.ndarray], label_names, path: Path, title: str) -> None:
     """Observed positive rate against mean predicted probability (10 bins), one panel per
     series (e.g. before and after calibration), one line per label; the diagonal is perfect."""
-    from training.calibration import expected_calibration_error, reliability
+    from cxr_pipeline.training.calibration import expected_calibration_error, reliability
 
     figure, panels = plt.subplots(1, len(series), figsize=(5.5 * len(series), 5), squeeze=False)
     for axes, (name, scores) in zip(panels[0], series.items()):

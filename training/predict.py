@@ -31,15 +31,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from etl.images import ImageError, decode_resize
-from etl.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
-from training import calibration, checkpoints
-from training.data import stored_tensor
-from training.inputs import InputTransform, stored_pixels
-from training.gradcam import METHODS, class_activation_map, default_method, overlay, target_layer
-from training.label_files import DECISION_SUFFIX, ERROR_COLUMN
-from training.models import build_model, metadata_features, uses_metadata
-from training.targets import LabelLayout
+from cxr_pipeline.etl.images import ImageError, decode_resize
+from cxr_pipeline.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
+from cxr_pipeline.training import calibration, checkpoints
+from cxr_pipeline.training.data import stored_tensor
+from cxr_pipeline.training.inputs import InputTransform, stored_pixels
+from cxr_pipeline.training.gradcam import METHODS, class_activation_map, default_method, overlay, target_layer
+from cxr_pipeline.training.label_files import DECISION_SUFFIX, ERROR_COLUMN
+from cxr_pipeline.training.models import build_model, metadata_features, uses_metadata
+from cxr_pipeline.training.targets import LabelLayout
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 LIST_SUFFIXES = (".txt", ".lst")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from training.results import latest_run, read_results
+from cxr_pipeline.training.results import latest_run, read_results
 
 DETAIL_COLUMNS = ["label", "auroc", "auroc_ci_low", "auroc_ci_high", "auroc_weighted", "n_pos", "n_neg",
                   "threshold", "accuracy", "precision", "recall", "specificity", "f1", "tp", "fp", "fn", "tn",

@@ -16,8 +16,9 @@ not be scored: the row is kept and its scores are empty).
 Nothing is prepared differently from training.predict: paths go through `predict.read_batches`, bytes
 through the same `etl.images.decode_resize` with the dataset's size and decoder, and every batch through
 `predict.predict_rows` and the checkpoint's `Scorer` (its input transform, calibration and thresholds).
-The checkpoint (with its sha256 sidecar) is the model's one artifact, and the `etl` and `training`
-sources travel with it (`code_paths`), so it loads where this repository is not installed.
+The checkpoint (with its sha256 sidecar) is the model's one artifact, and the `cxr_pipeline` sources
+(its etl and training subpackages, laid out as the wheel installs them) travel with it (`code_paths`),
+so it loads where this repository is not installed.
 """
 from __future__ import annotations
 
@@ -33,20 +34,19 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from etl.images import ImageError, decode_resize
-from etl.schema import DatasetSpec
-from training import predict
-from training.data import stored_tensor
-from training.label_files import DECISION_SUFFIX, ERROR_COLUMN
+from cxr_pipeline.etl.images import ImageError, decode_resize
+from cxr_pipeline.schema import DatasetSpec
+from cxr_pipeline.training import predict
+from cxr_pipeline.training.data import stored_tensor
+from cxr_pipeline.training.label_files import DECISION_SUFFIX, ERROR_COLUMN
 
 PATH_COLUMN, CONTENT_COLUMN = "path", "content"
 CHECKPOINT_ARTIFACT = "checkpoint"
 CHECKPOINT_FILE = "model.pth"  # inside the checkpoint artifact folder, beside model.pth.sha256
 DEFAULT_BATCH_SIZE = 32
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # "Models from code": the logged model is this module's class, built by this file, not a pickle (as
 # checkpoints load weights only)
-MODEL_CODE = ("import mlflow\n\nfrom training.serving import ChestXrayModel\n\n"
+MODEL_CODE = ("import mlflow\n\nfrom cxr_pipeline.training.serving import ChestXrayModel\n\n"
               "mlflow.models.set_model(ChestXrayModel())\n")
 # What the model needs at load time (training.predict's imports; DICOM through pydicom and its JPEG 2000
 # plugin), pinned to the versions it was trained with; the ones not installed here are left out.
@@ -169,6 +169,22 @@ def pip_requirements() -> list[str]:
     return pinned
 
 
+def package_sources(folder: Path) -> Path:
+    """Copy cxr_pipeline with its etl and training subpackages into `folder`, laid out as the wheel installs
+    them, from the wheel or from a checkout (whose folders the editable install maps onto those names)."""
+    import cxr_pipeline
+    import cxr_pipeline.etl
+    import cxr_pipeline.training
+
+    root = folder / "cxr_pipeline"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(cxr_pipeline.__file__).parent, root,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "etl", "training", "jobs"))
+    for package in (cxr_pipeline.etl, cxr_pipeline.training):
+        shutil.copytree(Path(package.__file__).parent, root / package.__name__.rsplit(".", 1)[1], ignore=ignore)
+    return root
+
+
 def log_model(checkpoint: Path, name: str = "model", registered_model_name: str | None = None,
               tags: dict | None = None):
     """Log best_<stage>.pth as a pyfunc model in the active MLflow run (registered under
@@ -185,7 +201,7 @@ def log_model(checkpoint: Path, name: str = "model", registered_model_name: str 
         where = {"name": name} if int(mlflow.__version__.split(".")[0]) >= 3 else {"artifact_path": name}
         return mlflow.pyfunc.log_model(
             **where, python_model=str(code), artifacts={CHECKPOINT_ARTIFACT: str(artifact)},
-            code_paths=[str(PACKAGE_ROOT / "etl"), str(PACKAGE_ROOT / "training")],
+            code_paths=[str(package_sources(Path(folder)))],
             signature=signature(scorer.spec), input_example=input_example(scorer.spec),
             pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
             metadata={"dataset_spec": scorer.spec.to_json(), "model_name": scorer.model_name,

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from training.results import auroc_table, latest_run, read_results
+from cxr_pipeline.training.results import auroc_table, latest_run, read_results
 
 
 def main(argv=None) -> None:

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from etl.config import dump_config, parse_args
-from training.report import STYLE, number_table, with_interval
-from training.results import ENGINES, append_results, read_results
-from training.train import STAGES, new_run_id
-from training.train import build_parser as train_parser
+from cxr_pipeline.config import dump_config, parse_args
+from cxr_pipeline.training.report import STYLE, number_table, with_interval
+from cxr_pipeline.training.results import ENGINES, append_results, read_results
+from cxr_pipeline.training.train import STAGES, new_run_id
+from cxr_pipeline.training.train import build_parser as train_parser
 
 log = logging.getLogger("sweep")
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")

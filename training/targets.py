@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from etl.schema import DatasetSpec
+from cxr_pipeline.schema import DatasetSpec
 
 MULTICLASS_WIDTH = 3
 POSITIVE_CLASS = 2

@@ -245,7 +245,7 @@ class MlflowTracking:
     # ---- at the end -----------------------------------------------------------------------------
     def finish(self, stage: str) -> None:
         """Report, AUROC table, Grad-CAM examples, and the model of the last stage's best checkpoint."""
-        from training.results import auroc_table
+        from cxr_pipeline.training.results import auroc_table
 
         for name in RUN_FILES:
             if (self.run_dir / name).exists():
@@ -270,7 +270,7 @@ class MlflowTracking:
     def log_model(self, checkpoint: Path) -> None:
         import mlflow
 
-        from training import serving
+        from cxr_pipeline.training import serving
 
         mlflow.set_tracking_uri(self.uri)
         if self.registry_uri:
@@ -303,10 +303,10 @@ def write_gradcam_examples(checkpoint: Path, dataset, folder: Path, count: int =
     stored pixels, as training.predict draws them for files: <image>_<label>.png in `folder`."""
     from PIL import Image
 
-    from etl.schema import split_dir
-    from training.gradcam import class_activation_map, default_method, overlay, target_layer
-    from training.models import metadata_features, uses_metadata
-    from training.predict import dataset_batches, load
+    from cxr_pipeline.schema import split_dir
+    from cxr_pipeline.training.gradcam import class_activation_map, default_method, overlay, target_layer
+    from cxr_pipeline.training.models import metadata_features, uses_metadata
+    from cxr_pipeline.training.predict import dataset_batches, load
 
     scorer = load(str(checkpoint))
     splits = [split for split in ("test", "val") if any(split_dir(dataset, split).glob("*.parquet"))][:1]

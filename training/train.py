@@ -27,24 +27,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from etl.config import dump_config, parse_args
-from etl.hold_points import hold_at
-from etl.schema import read_dataset_spec
-from training import calibration, checkpoints, distributed, tracking
-from training.augment import Augmentation, augment_rows, batch_generator
-from training.inputs import NORMALISATIONS, InputTransform
-from training.data import METADATA_COLUMNS, SplitReader, label_table, prefetch, split_row_count, split_row_groups
-from training.metrics import auroc_report, mean_auroc, per_label_auroc
-from training.operating_points import DEFAULT_POLICIES, Policy, choose_thresholds, operating_table, parse_policies
-from training.models import (MODELS, build_model, head_name, in_head, metadata_features, set_backbone_trainable,
+from cxr_pipeline.config import dump_config, parse_args
+from cxr_pipeline.etl.hold_points import hold_at
+from cxr_pipeline.schema import read_dataset_spec
+from cxr_pipeline.training import calibration, checkpoints, distributed, tracking
+from cxr_pipeline.training.augment import Augmentation, augment_rows, batch_generator
+from cxr_pipeline.training.inputs import NORMALISATIONS, InputTransform
+from cxr_pipeline.training.data import METADATA_COLUMNS, SplitReader, label_table, prefetch, split_row_count, split_row_groups
+from cxr_pipeline.training.metrics import auroc_report, mean_auroc, per_label_auroc
+from cxr_pipeline.training.operating_points import DEFAULT_POLICIES, Policy, choose_thresholds, operating_table, parse_policies
+from cxr_pipeline.training.models import (MODELS, build_model, head_name, in_head, metadata_features, set_backbone_trainable,
                              uses_metadata)
-from training.plots import reliability_diagram, roc_curves, training_curves
-from training.precision import AMP_MODES, Precision
-from training.report import write_report
-from training.results import ENGINES, append_results
-from training.sampling import Oversampler
-from training.schedules import OPTIMIZERS, SCHEDULES, LearningRate, build_optimizer
-from training.targets import LOSSES, LabelLayout, LabelLoss, positive_weights
+from cxr_pipeline.training.plots import reliability_diagram, roc_curves, training_curves
+from cxr_pipeline.training.precision import AMP_MODES, Precision
+from cxr_pipeline.training.report import write_report
+from cxr_pipeline.training.results import ENGINES, append_results
+from cxr_pipeline.training.sampling import Oversampler
+from cxr_pipeline.training.schedules import OPTIMIZERS, SCHEDULES, LearningRate, build_optimizer
+from cxr_pipeline.training.targets import LOSSES, LabelLayout, LabelLoss, positive_weights
 
 log = logging.getLogger("train")
 STAGES = ("kt", "finetune")

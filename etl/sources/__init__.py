@@ -1,22 +1,22 @@
 """Dataset sources: each turns a download, as users get it, into a manifest (no pixels).
 
 A source is a small module with `LABEL_NAMES` and `build_manifest(data_root, **options)`
-returning a :class:`etl.sources.manifest.Manifest`. Register it in `SOURCES`. (The dicom
+returning a :class:`etl.sources.manifest.Manifest`. Register its name in `SOURCES`. (The dicom
 source has no fixed `LABEL_NAMES`: its labels are the columns of the user's label CSV.)
 Optionally, `side_tables(data_root)` returns tables the ETL writes beside the dataset.
 """
+import importlib
 import inspect
 
-from etl.sources import chexpert, dicom, nih, pneumonia
-
-SOURCES = {"chexpert": chexpert, "dicom": dicom, "nih": nih, "pneumonia": pneumonia}
+# Imported when asked for: chexpert imports etl.uncertainty, which imports this package's manifest module,
+# so importing every source here would make `cxr-relabel` (etl.uncertainty) import itself half-loaded.
+SOURCES = ("chexpert", "dicom", "nih", "pneumonia")
 
 
 def get_source(name: str):
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise ValueError(f"unknown source {name!r}; choose one of {sorted(SOURCES)}") from None
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; choose one of {sorted(SOURCES)}")
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def manifest_options(name: str, given: dict) -> dict:

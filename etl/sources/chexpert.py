@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from etl.schema import LABEL_MASK_COLUMN
-from etl.sources.manifest import MANIFEST_COLUMNS, rejects_frame
-from etl.sources.nih import parse_age
-from etl.uncertainty import (BLANK_POLICIES, MASKING_POLICIES, U_IGNORE, U_ZEROS, PolicyManifest, apply_policy,
+from cxr_pipeline.schema import LABEL_MASK_COLUMN
+from cxr_pipeline.etl.sources.manifest import MANIFEST_COLUMNS, rejects_frame
+from cxr_pipeline.etl.sources.nih import parse_age
+from cxr_pipeline.etl.uncertainty import (BLANK_POLICIES, MASKING_POLICIES, U_IGNORE, U_ZEROS, PolicyManifest, apply_policy,
                              canonical_policy, parse_policies)
 
 DATASET = "chexpert"

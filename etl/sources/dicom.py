@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from etl.sources.manifest import MANIFEST_COLUMNS, Manifest, rejects_frame
+from cxr_pipeline.etl.sources.manifest import MANIFEST_COLUMNS, Manifest, rejects_frame
 
 DATASET = "dicom"
 KEY_COLUMNS = ("SOPInstanceUID", "file")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from etl.sources.manifest import MANIFEST_COLUMNS, Manifest, index_images, rejects_frame, resolve_inside
+from cxr_pipeline.etl.sources.manifest import MANIFEST_COLUMNS, Manifest, index_images, rejects_frame, resolve_inside
 
 DATASET = "nih"
 # The order of CheXNet (Rajpurkar et al. 2017) and of the NIH paper's tables.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from etl.sources.manifest import MANIFEST_COLUMNS, Manifest, rejects_frame
+from cxr_pipeline.etl.sources.manifest import MANIFEST_COLUMNS, Manifest, rejects_frame
 
 DATASET = "pneumonia"
 LABEL_NAMES = ("Pneumonia",)
