@@ -220,8 +220,10 @@ def test_scoring_job_scores_new_images_nightly_with_the_registered_model_into_a_
     """cxr_score_nightly: jobs/score.py on an ML runtime (torch and mlflow ship with it), its parameters parsed by
     the job's own argparse: a registry alias it resolves to a fixed version, the incoming folder, and a Unity
     Catalog table written through Delta on Spark (the deltalake engine refuses catalog names)."""
+    from cxr_pipeline.config import parse_args
     from cxr_pipeline.jobs.score import build_parser as score_parser
     from cxr_pipeline.jobs.score import resolve_model_uri
+    from cxr_pipeline.training.train import build_parser as train_parser
 
     bundle = load_bundle(ROOT)[0]
     _, jobs = target_view(bundle, "prod")
@@ -238,6 +240,10 @@ def test_scoring_job_scores_new_images_nightly_with_the_registered_model_into_a_
     assert args.images == [variables["incoming_root"]] and args.table == variables["scores_table"]
     assert re.fullmatch(r"\w+\.\w+\.\w+", args.table) and args.engine == "delta-spark"
     assert resolve_model_uri("models:/main.cxr.m/7") == "models:/main.cxr.m/7"  # a fixed version stays as given
+    (weekly,) = jobs["cxr_train_weekly"].tasks  # the versions the alias moves between come from weekly training
+    weekly_args = weekly.spark_python_task.parameters
+    train = parse_args(train_parser(), "train", weekly_args[weekly_args.index("--") + 1:])
+    assert train.register_model == variables["registered_model"]
 
 
 def break_unknown_field(root: Path) -> None:
