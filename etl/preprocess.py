@@ -31,7 +31,8 @@ from cxr_pipeline.config import dump_config, parse_args
 from cxr_pipeline.etl.hold_points import hold_at
 from cxr_pipeline.etl.images import DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise
 from cxr_pipeline.etl.mean_image import compute_mean_image, write_mean_image
-from cxr_pipeline.schema import FOLD_COLUMN, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, metadata_columns, split_dir
+from cxr_pipeline.schema import (FOLD_COLUMN, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, metadata_columns,
+                                 split_dir)
 from cxr_pipeline.etl.sources import SOURCES, get_source, manifest_options, side_tables
 from cxr_pipeline.etl.sources.manifest import REJECT_COLUMNS, resolve_inside
 from cxr_pipeline.etl.splits import assign_folds, assign_splits, check_patient_disjoint, fold_split, parse_fractions
@@ -297,7 +298,8 @@ def run(args: argparse.Namespace) -> dict:
             "rows_left_out_by_subset": left_out_by_subset,
             "quarantined_by_reason": rejects["reason"].value_counts().to_dict(),
             "values_kept_as_null": manifest.warnings["field"].value_counts().to_dict(),
-            "patients": {split: int(written.loc[written["split"] == split, "patient_id"].nunique()) for split in SPLITS},
+            "patients": {split: int(written.loc[written["split"] == split, "patient_id"].nunique())
+                         for split in SPLITS},
             "seconds": timings,
             # the driver's own peak (manifest, pandas, reads of the written footers); executors run elsewhere
             "driver_python_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -58,7 +58,8 @@ def test_gradcam_equals_hirescam_for_average_pooling_heads(name):
     layer = target_layer(model, name)
     gradcam, hirescam = (class_activation_map(model, layer, images, 2, method) for method in ("gradcam", "hirescam"))
     # DenseNet applies a ReLU after norm5, so the gradient is constant only where activations are positive.
-    assert torch.allclose(torch.from_numpy(gradcam), torch.from_numpy(hirescam), atol=0.05 if name == "densenet121" else 1e-5)
+    assert torch.allclose(torch.from_numpy(gradcam), torch.from_numpy(hirescam),
+                          atol=0.05 if name == "densenet121" else 1e-5)
 
 
 @pytest.fixture(scope="module")

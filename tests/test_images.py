@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import KERMANY, NIH, ROOT, require
 from cxr_pipeline.etl import images
-from cxr_pipeline.etl.images import MAX_PIXELS, DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise, to_grey_u8
+from cxr_pipeline.etl.images import (MAX_PIXELS, DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise,
+                                     to_grey_u8)
 
 RGBA_NIH = ["00000100_000.png", "00001369_000.png", "00002578_000.png", "00004934_000.png",
             "00005224_000.png", "00005813_000.png"]
