@@ -39,6 +39,27 @@ def test_each_transform_does_what_it_says():
     assert not torch.allclose(rotated, images(), atol=1e-2)
 
 
+def box_extent(batch: torch.Tensor) -> list[tuple[int, int]]:
+    """(rows, columns) the bright box of each image covers."""
+    inside = batch[:, 0] > 0.5
+    return [(int(image.any(1).sum()), int(image.any(0).sum())) for image in inside]
+
+
+def test_zoom_out_shrinks_and_aspect_stretches_the_content():
+    box = torch.zeros(64, 1, 64, 64)
+    box[..., 16:48, 16:48] = 1.0  # 32 x 32
+    zoom_in = box_extent(Augmentation(**{**STILL, "zoom": 0.3})(box, batch_generator(0, 0, 0)))
+    zoom_out = box_extent(Augmentation(**{**STILL, "zoom_out": 0.3})(box, batch_generator(0, 0, 0)))
+    assert all(rows == columns >= 32 for rows, columns in zoom_in) and max(r for r, _ in zoom_in) > 36
+    assert all(rows == columns <= 32 for rows, columns in zoom_out) and min(r for r, _ in zoom_out) < 28
+    stretched = box_extent(Augmentation(**{**STILL, "aspect": 0.3})(box, batch_generator(0, 0, 0)))
+    ratios = [columns / rows for rows, columns in stretched]
+    assert min(ratios) < 0.85 and max(ratios) > 1.15 and all(1 / 1.4 < r < 1.4 for r in ratios)
+    # without the new options the random stream, and so every earlier run's augmentations, are unchanged
+    plain = Augmentation()(images(), batch_generator(0, 0, 0))
+    assert torch.equal(plain, Augmentation(zoom_out=0.0, aspect=0.0)(images(), batch_generator(0, 0, 0)))
+
+
 def test_minority_only_augmentation_leaves_the_majority_rows_as_stored():
     """Report 003: the rarer NORMAL images (no positive label) are augmented, pneumonia rows are not."""
     labels = np.array([[1.0], [0.0], [1.0], [0.0], [1.0], [1.0]])

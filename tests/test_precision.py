@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cxr_pipeline.training.models import build_model
+from cxr_pipeline.training import precision as precision_module
 from cxr_pipeline.training.precision import Precision
 
 CPU = torch.device("cpu")
@@ -22,6 +23,25 @@ def test_forward_runs_in_the_chosen_dtype_and_parameters_stay_float32(amp, dtype
     assert precision.forward(model, torch.randn(2, 3, 32, 32)).dtype == torch.float32  # what losses get
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert precision.scaler.is_enabled() == (amp == "fp16")  # bf16 needs no loss scaling
+
+
+def test_evaluation_runs_in_float32_whatever_amp_says():
+    """What a run reports on val and test is what predict computes (float32), not its bf16 training forward."""
+    model = build_model("small_cnn", 3, "none").eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(images)
+        assert torch.equal(Precision("bf16", channels_last=False, device=CPU).evaluate(model, images), plain)
+        assert not torch.equal(Precision("bf16", channels_last=False, device=CPU).forward(model, images), plain)
+
+
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False), (None, False)])
+def test_bf16_on_a_cpu_that_would_emulate_it_says_to_use_float32(monkeypatch, caplog, native, warned):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="train"):
+        Precision("bf16", channels_last=False, device=CPU)
+        Precision("off", channels_last=False, device=CPU)  # float32 never warns
+    assert ("use --amp off" in caplog.text) == warned and len(caplog.records) == int(warned)
 
 
 def test_channels_last_lays_out_model_and_images():

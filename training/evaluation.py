@@ -72,7 +72,7 @@ def predict(model, split: str, feed: Feed) -> Predictions:
     loss_sum = 0.0
     for batch in prefetch(reader):
         images = feed.inputs(batch.images.to(feed.device, non_blocking=True), evaluation=True)
-        logits = feed.precision.forward(model, images, *feed.extra_inputs(batch))
+        logits = feed.precision.evaluate(model, images, *feed.extra_inputs(batch))
         loss = feed.loss_fn(logits, batch.labels.to(feed.device), batch.mask.to(feed.device))
         loss_sum += loss.item() * len(batch.image_ids)
         scores.append(feed.layout.probabilities(logits).cpu().numpy())

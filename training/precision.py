@@ -12,11 +12,26 @@ ranks could disagree on whether a step overflowed), so the step runs
 from __future__ import annotations
 
 import contextlib
+import logging
+from pathlib import Path
 
 import torch
 
 AMP_MODES = ("off", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU flags of native bfloat16 arithmetic: without one, oneDNN emulates bf16 and it runs slower than float32
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+log = logging.getLogger("train")
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bfloat16 natively (Linux's /proc/cpuinfo flags); None where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    return bool(flags & NATIVE_BF16_FLAGS)
 
 
 class Precision:
@@ -25,6 +40,9 @@ class Precision:
             raise ValueError(f"--amp must be one of {AMP_MODES}, got {amp!r}")
         self.amp, self.channels_last, self.device = amp, channels_last, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        if amp == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+            log.warning("--amp bf16 on a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated and slower than "
+                        "float32 here; use --amp off")
 
     def autocast(self):
         """The forward pass's context: autocast to the chosen dtype, or nothing."""
@@ -43,6 +61,11 @@ class Precision:
         and probabilities are computed at full precision."""
         with self.autocast():
             return model(self.prepare_images(images), *inputs).float()
+
+    def evaluate(self, model, images: torch.Tensor, *inputs) -> torch.Tensor:
+        """`model(images, *inputs)` in float32 whatever --amp says: the scores, calibration and thresholds a
+        run reports are then the ones predict and the MLflow model compute, which run in float32."""
+        return model(self.prepare_images(images), *inputs).float()
 
     def backward_and_step(self, loss: torch.Tensor, optimizer) -> None:
         """loss.backward() and optimizer.step(), through the scaler when there is one."""
