@@ -49,6 +49,7 @@ def test_the_wheel_installs_one_top_level_package(fresh_venv):
     assert ours == {"cxr_pipeline"}
     assert {path.name for path in (site / "cxr_pipeline").iterdir()} >= {"etl", "training", "jobs", "config.py",
                                                                          "schema.py", "cli.py"}
+    assert {path.name for path in (venv / "bin").glob("cxr-*")} == set(COMMANDS)  # setup.py's list is cli.py's
     probe = "import importlib.util as u; print([u.find_spec(n) is None for n in ('etl', 'training', 'jobs')])"
     assert run(venv / "bin" / "python", "-c", probe, cwd=folder).stdout.strip() == "[True, True, True]"
 

@@ -121,6 +121,7 @@ def test_spark_job_scores_each_image_once_per_model_version(logged, tmp_path):
     assert rows["scored_at"].notna().all() and (rows["path"] == [str(folder / i) for i in rows.index]).all()
 
     shutil.copy(sorted(NIH.joinpath("images").glob("*.png"))[10], folder / "arrived_later.png")
+    score = [BIN / "cxr-score", *score[2:]]  # the installed command runs the same job
     run_cli(*score, env=env)  # the same model again: only the new image is scored
     again = DeltaTable(str(table))
     after = again.to_pandas()
