@@ -60,7 +60,7 @@ class Precision:
         """`model(images, *inputs)` in the chosen layout and precision; float32 logits, so losses
         and probabilities are computed at full precision."""
         with self.autocast():
-            return model(self.prepare_images(images), *inputs).float()
+            return self.evaluate(model, images, *inputs)
 
     def evaluate(self, model, images: torch.Tensor, *inputs) -> torch.Tensor:
         """`model(images, *inputs)` in float32 whatever --amp says: the scores, calibration and thresholds a

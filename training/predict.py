@@ -115,21 +115,33 @@ def image_paths(arguments: list[str]) -> list[tuple[str, Path]]:
     return found
 
 
-def read_batches(paths: list[tuple[str, Path]], spec: DatasetSpec, batch_size: int):
-    """(ids, paths, stored uint8 pixels of the readable ones, {index: error}) per batch."""
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        pixels, errors = [], {}
-        for index, (_, path) in enumerate(chunk):
+def decoded_batches(items: list, decode, batch_size: int):
+    """(start, chunk, stored uint8 pixels of the decodable items, {index in chunk: error}) per batch of `items`;
+    `decode(item)` returns the grey uint8 image or raises ImageError with the reason. Files (read_batches) and
+    encoded bytes (serving) share it, so both are decoded and batched alike."""
+    for start in range(0, len(items), batch_size):
+        chunk, pixels, errors = items[start:start + batch_size], [], {}
+        for index, item in enumerate(chunk):
             try:
-                pixels.append(decode_resize(path.read_bytes(), spec.image_size, spec.decoder))
+                pixels.append(decode(item))
             except ImageError as exc:
                 errors[index] = str(exc)
-            except FileNotFoundError:
-                errors[index] = f"image_missing: no such file {path}"
-            except OSError as exc:
-                errors[index] = f"unreadable_file: {exc.strerror or exc} ({path})"
         stored = torch.from_numpy(np.stack(pixels)[:, None]) if pixels else None
+        yield start, chunk, stored, errors
+
+
+def read_batches(paths: list[tuple[str, Path]], spec: DatasetSpec, batch_size: int):
+    """(ids, paths, stored uint8 pixels of the readable ones, {index: error}) per batch."""
+    def decode(entry: tuple[str, Path]):
+        path = entry[1]
+        try:
+            return decode_resize(path.read_bytes(), spec.image_size, spec.decoder)
+        except FileNotFoundError:
+            raise ImageError("image_missing", f"no such file {path}") from None
+        except OSError as exc:
+            raise ImageError("unreadable_file", f"{exc.strerror or exc} ({path})") from None
+
+    for _, chunk, stored, errors in decoded_batches(paths, decode, batch_size):
         yield [i for i, _ in chunk], [str(p) for _, p in chunk], stored, errors
 
 

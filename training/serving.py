@@ -31,7 +31,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from cxr_pipeline.etl.images import ImageError, decode_resize
@@ -66,17 +65,16 @@ def input_column(frame: pd.DataFrame, spec: DatasetSpec) -> str:
 
 def content_batches(contents: list[bytes], spec: DatasetSpec, batch_size: int):
     """predict.read_batches for encoded bytes: the same decode, the same (ids, paths, stored, errors) batches."""
-    for start in range(0, len(contents), batch_size):
-        chunk, pixels, errors = contents[start:start + batch_size], [], {}
-        for index, data in enumerate(chunk):
-            try:
-                pixels.append(decode_resize(bytes(data), spec.image_size, spec.decoder))
-            except ImageError as exc:
-                errors[index] = str(exc)
-            except (ValueError, OSError) as exc:  # what the ETL quarantines as well
-                errors[index] = f"undecodable: {exc}"
+    def decode(data: bytes):
+        try:
+            return decode_resize(bytes(data), spec.image_size, spec.decoder)
+        except ImageError:
+            raise
+        except (ValueError, OSError) as exc:  # what the ETL quarantines as well
+            raise ImageError("undecodable", str(exc)) from None
+
+    for start, chunk, stored, errors in predict.decoded_batches(contents, decode, batch_size):
         ids = [str(start + i) for i in range(len(chunk))]
-        stored = torch.from_numpy(np.stack(pixels)[:, None]) if pixels else None
         yield ids, ids, stored, errors
 
 
