@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +29,7 @@ from cxr_pipeline.config import dump_config, parse_args
 from cxr_pipeline.etl.hold_points import hold_at
 from cxr_pipeline.etl.images import DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise
 from cxr_pipeline.etl.mean_image import compute_mean_image, write_mean_image
+from cxr_pipeline.etl.sessions import session_builder
 from cxr_pipeline.schema import (FOLD_COLUMN, PIXEL_DTYPES, SPEC_METADATA_KEY, SPLITS, DatasetSpec, metadata_columns,
                                  split_dir)
 from cxr_pipeline.etl.sources import SOURCES, get_source, manifest_options, side_tables
@@ -93,17 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spark_session(master: str | None):
-    from pyspark.sql import SparkSession
-
-    # Python workers must run this interpreter (the venv's), not whatever `python3` is on PATH.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName("cxr-preprocess")
-    if master:
-        builder = builder.master(master)
-    elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # not started by spark-submit
-        builder = builder.master("local[*]")
     spark = (
-        builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        session_builder("cxr-preprocess", master).config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
         .config("spark.ui.showConsoleProgress", "true")
         .getOrCreate()

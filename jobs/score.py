@@ -37,7 +37,6 @@ import argparse
 import logging
 import os
 import re
-import sys
 import tempfile
 import time
 import uuid
@@ -47,6 +46,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from cxr_pipeline.etl.sessions import session_builder
 from cxr_pipeline.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
 from cxr_pipeline.training.label_files import DECISION_SUFFIX, ERROR_COLUMN
 from cxr_pipeline.training.results import ENGINES, is_table_name
@@ -194,15 +194,7 @@ def partition_scorer(model_folder_name: str, model_uri: str, input_column: str, 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
 def spark_session(args):
-    from pyspark.sql import SparkSession
-
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName("cxr-score")
-    if args.master:
-        builder = builder.master(args.master)
-    elif "PYSPARK_GATEWAY_PORT" not in os.environ and "DATABRICKS_RUNTIME_VERSION" not in os.environ:
-        builder = builder.master("local[*]")
-    spark = builder.getOrCreate()
+    spark = session_builder("cxr-score", args.master).getOrCreate()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
     if args.engine == "delta-spark":  # a model with new labels adds their columns to the table

@@ -16,10 +16,9 @@ is passed to train.py unchanged.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
+from cxr_pipeline.etl.sessions import session_builder
 from cxr_pipeline.training.results import is_table_name, publish, read_results
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train.py"
@@ -43,13 +42,8 @@ def main(argv=None) -> None:
         train_args = [*train_args, "--results-table", args.results_table]
 
     from pyspark.ml.torch.distributor import TorchDistributor
-    from pyspark.sql import SparkSession
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName("cxr-train")
-    if "PYSPARK_GATEWAY_PORT" not in os.environ and "DATABRICKS_RUNTIME_VERSION" not in os.environ:
-        builder = builder.master("local[*]")
-    spark = builder.getOrCreate()
+    spark = session_builder("cxr-train").getOrCreate()
     distributor = TorchDistributor(num_processes=args.num_processes, local_mode=args.local_mode,
                                    use_gpu=args.use_gpu)
     distributor.run(str(TRAIN_SCRIPT), *train_args)
