@@ -28,10 +28,10 @@ setup(
     package_dir=PACKAGE_DIRS,
     entry_points={"console_scripts": [f"{command} = cxr_pipeline.cli:{command.split('-')[1]}"
                                       for command in COMMANDS]},
-    # The base requirements accept what the Databricks runtimes the bundle names already ship
-    # (15.4 LTS: numpy 1.23.5, pandas 1.5.3, pyarrow 14.0.1), so installing the wheel on a
-    # cluster never replaces the libraries Spark runs on. Local installs pin exact versions in
-    # install/requirements.txt.
+    # The base requirements accept what the one runtime the bundle's jobs run already ships
+    # (Databricks Runtime 15.4 LTS ML: numpy 1.23.5, pandas 1.5.3, pyarrow 14.0.1), so installing the wheel on a
+    # cluster never replaces the libraries Spark runs on; what that runtime lacks is in
+    # jobs/cluster-requirements.txt. Local installs pin exact versions in install/requirements.txt.
     install_requires=[
         "numpy>=1.23,<2",  # petastorm 0.13.1 fails with numpy 2
         "pyarrow>=11",
@@ -41,6 +41,9 @@ setup(
     ],
     extras_require={
         "etl": ["pyspark>=3.5,<4.1"],  # pyspark 4.1+ requires pyarrow >= 18
+        # Delta on Spark outside Databricks (training/results.py's delta-spark engine, jobs/score.py): the Python
+        # API; the jars come with install/delta_jars.sh, or from Maven at session start (etl/sessions.py)
+        "delta": ["delta-spark>=3.2,<4.1"],
         # optional faster PNG/JPEG decode + resize (etl/images.py; Pillow stays the fallback). An extra,
         # not a base requirement: runtimes that ship opencv-python would get a second cv2. 4.12+ needs numpy 2.
         "opencv": ["opencv-python-headless>=4.11,<4.12"],

@@ -8,7 +8,7 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 stamp="$VENV/.cxr-installed"
 # CXR_HOROVOD_GPU (auto|0|1) and CXR_CUDA_HOME choose an NCCL or a Gloo-only Horovod (install/horovod/README.md).
-inputs=$( (cat install/requirements.txt setup.py install/setup_env.sh install/horovod/*
+inputs=$( (cat install/requirements.txt setup.py install/setup_env.sh install/delta_jars.sh install/horovod/*
            echo "horovod_gpu=${CXR_HOROVOD_GPU:-auto} cuda_home=${CXR_CUDA_HOME:-}") | sha256sum | cut -c1-16)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ]; then
@@ -18,14 +18,15 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install --quiet --upgrade pip 'setuptools>=77' wheel
-echo "installing the pinned stack (torch comes from the local wheel cache where there is one)..."
+echo "installing the pinned stack (from the package index; pip's cache keeps the downloads)..."
 "${pip[@]}" install --quiet -r install/requirements.txt
 # petastorm 0.13.1 pins setuptools<70, which would break torch: its runtime deps are in requirements.txt.
 "${pip[@]}" install --quiet --no-deps petastorm==0.13.1
 "${pip[@]}" install --quiet --no-deps -e .
+bash install/delta_jars.sh "$VENV/bin/python"
 bash install/horovod/build_wheel.sh "$VENV/bin/python"
 "$VENV/bin/python" - <<'PY'
-import deltalake, petastorm, pyspark, torch, torchvision, horovod.torch as hvd
+import delta, deltalake, petastorm, pyspark, torch, torchvision, horovod.torch as hvd
 import pyarrow, numpy
 assert pyarrow.__version__.startswith("14."), pyarrow.__version__
 assert numpy.__version__.startswith("1."), numpy.__version__

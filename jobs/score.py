@@ -5,7 +5,7 @@
     python jobs/score.py --model-uri runs:/RUN_ID/model --dataset /data/nih_224 --split test \\
         --table outputs/scores_delta
     python jobs/score.py --model-uri models:/main.cxr.cxr_densenet121@champion --images /Volumes/main/cxr/incoming \\
-        --table main.cxr.image_scores --engine delta-spark                                   # on Databricks
+        --table main.cxr.image_scores                                     # on Databricks: Delta on Spark
 
 Inputs: image files (--images: folders searched recursively, glob patterns, .txt lists of paths; ids as
 training.predict gives them: the path relative to the folder given), or the rows of an ETL dataset
@@ -22,14 +22,16 @@ at the run's operating point, `error` (why an image could not be scored: missing
 
 One row per (image_id, model_uri), however often the job runs: images the table already holds for this
 model version are not scored again (with --rescore-errors, those whose row has an error are, and the new
-row replaces it: a file fixed since). Engines as for the AUROC rows (training/results.py):
-- `deltalake` (delta-rs, default; no Delta jars): the scores are collected to the driver and appended
+row replaces it: a file fixed since). Engines as for the AUROC rows (training/results.py; `auto`, the default,
+takes delta-spark for a catalog table name or on Databricks, else deltalake):
+- `deltalake` (delta-rs; no Delta jars): the scores are collected to the driver and appended
   (with --rescore-errors, replacing error rows rewrites this model's rows in one commit). Not delta-rs's MERGE: with
   deltalake 1.6 it writes string_view Parquet that pyarrow 14 (petastorm's limit) cannot open.
 - `delta-spark` (a Spark session with Delta, as on Databricks, where --table may be a Unity Catalog table
   name): a MERGE on (image_id, model_uri) from the executors.
 A second job on the same table and model at the same time could add a row twice with `deltalake`; the
-bundle's job runs one at a time.
+bundle's job runs one at a time. Before any model version carries the alias asked for (a new deployment, before
+the first promotion), the job logs that plainly and ends with success, scoring nothing.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ import pyarrow as pa
 from cxr_pipeline.etl.sessions import session_builder
 from cxr_pipeline.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
 from cxr_pipeline.training.label_files import DECISION_SUFFIX, ERROR_COLUMN
-from cxr_pipeline.training.results import ENGINES, is_table_name
+from cxr_pipeline.training.results import ENGINES, is_table_name, quoted, resolve_engine
 
 log = logging.getLogger("score")
 KEY = ("image_id", "model_uri")
@@ -69,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", action="append", choices=SPLITS, help="with --dataset: split(s) (default: all)")
     parser.add_argument("--table", required=True, help="Delta table of scores: a folder, or with --engine "
                                                        "delta-spark a catalog table name")
-    parser.add_argument("--engine", choices=ENGINES, default="deltalake",
-                        help="deltalake (delta-rs, default) or delta-spark (a Spark session with Delta jars)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="auto (default): delta-spark for a catalog table name or on Databricks, else deltalake "
+                             "(delta-rs); or name one")
     parser.add_argument("--batch-size", type=int, default=32, help="images per Arrow batch and model call (32)")
     parser.add_argument("--partitions", type=int, default=0,
                         help="Spark partitions of the image list (default: the cluster's default parallelism)")
@@ -82,24 +85,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- the model --------------------------------------------------------------------------------------------
+class NoModelVersion(Exception):
+    """The registry has no version under the name and alias (or `latest`) asked for: nothing to score with yet."""
+
+
+def pin_registry() -> None:
+    """MLflow's registry for resolving and downloading `models:/` URIs: the one training registers in
+    (training.tracking.registry_uri: Unity Catalog when tracking goes to Databricks)."""
+    import mlflow
+
+    from cxr_pipeline.training.tracking import registry_uri
+
+    registry = registry_uri(mlflow.get_tracking_uri())
+    if registry:
+        mlflow.set_registry_uri(registry)
+
+
 def resolve_model_uri(uri: str) -> str:
     """A URI that names one immutable model: registry aliases and `latest` become the version they point at;
-    a local folder becomes its absolute path."""
+    a local folder becomes its absolute path. NoModelVersion when none exists yet."""
     if "://" not in uri and not uri.startswith(("models:", "runs:")):
         return str(Path(uri).resolve())
     match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(latest))", uri)
     if not match:
         return uri
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
+
     name, alias = match.group(1), match.group(2)
     if alias:
-        version = client.get_model_version_by_alias(name, alias).version
+        try:
+            version = client.get_model_version_by_alias(name, alias).version
+        except MlflowException as exc:
+            # No such alias: INVALID_PARAMETER_VALUE (SQL store) or RESOURCE_DOES_NOT_EXIST / NOT_FOUND (a missing
+            # model, Unity Catalog); anything else (credentials, network) is a real failure.
+            if exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise
+            raise NoModelVersion(f"no version of {name!r} carries the alias {alias!r} yet ({exc.error_code}). "
+                                 f"Promote one: MlflowClient().set_registered_model_alias({name!r}, {alias!r}, "
+                                 "VERSION), or in Catalog Explorer") from None
     else:
-        versions = client.search_model_versions(f"name = '{name}'")
+        versions = client.search_model_versions(f"name = {quoted(name)}")
         if not versions:
-            raise SystemExit(f"{uri}: the registry has no version of {name!r}")
+            raise NoModelVersion(f"the registry has no version of {name!r} yet: register one with train.py "
+                                 "--register-model")
         version = max(int(v.version) for v in versions)
     return f"models:/{name}/{version}"
 
@@ -194,7 +225,7 @@ def partition_scorer(model_folder_name: str, model_uri: str, input_column: str, 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
 def spark_session(args):
-    spark = session_builder("cxr-score", args.master).getOrCreate()
+    spark = session_builder("cxr-score", args.master, delta=args.engine == "delta-spark").getOrCreate()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
     if args.engine == "delta-spark":  # a model with new labels adds their columns to the table
@@ -230,10 +261,6 @@ def dataset_frame(spark, args, spec: DatasetSpec, done: set[str]):
     if done:
         frame = frame.join(spark.createDataFrame([(i,) for i in done], "image_id string"), "image_id", "left_anti")
     return frame
-
-
-def quoted(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def earlier_rows(spark, args, model_uri: str) -> pd.DataFrame:
@@ -301,7 +328,16 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     started = time.perf_counter()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    model_uri = resolve_model_uri(args.model_uri)
+    args.engine = resolve_engine(args.engine, args.table)
+    pin_registry()
+    try:
+        model_uri = resolve_model_uri(args.model_uri)
+    except NoModelVersion as exc:
+        # Before the first promotion the nightly job has nothing to score with: say so and end without failing
+        # the schedule (a failed run would page someone every night until then).
+        log.warning("%s: nothing scored, %s left as it was", exc, args.table)
+        return {"model_uri": None, "scored": 0, "unreadable": 0, "skipped": None, "added": 0, "rescored": 0,
+                "already_in_table": None}
     scratch = tempfile.TemporaryDirectory(prefix="cxr-score-")
     folder = download_model(model_uri, Path(scratch.name))
     spec = model_spec(folder)

@@ -70,3 +70,19 @@ def nih_dataset(tmp_path_factory) -> Path:
     spark_etl("--source", "nih", "--data-root", NIH, "--labels-csv", NIH / "Data_Entry_sample.csv",
               "--output", output, "--size", 64, "--rows-per-file", 8)
     return output
+
+
+@pytest.fixture
+def spark_catalog_env(tmp_path) -> dict:
+    """Environment for Spark processes that share a persistent local catalog: a Hive metastore in Derby and a
+    warehouse folder, set the ordinary way (spark-defaults.conf in SPARK_CONF_DIR). Names such as
+    spark_catalog.cxr.auroc_results then resolve as Unity Catalog's three-level names do on Databricks."""
+    folder = tmp_path / "spark-catalog"
+    folder.mkdir()
+    (folder / "spark-defaults.conf").write_text("\n".join([
+        "spark.sql.catalogImplementation hive",
+        f"spark.sql.warehouse.dir {folder / 'warehouse'}",
+        f"spark.hadoop.javax.jdo.option.ConnectionURL jdbc:derby:;databaseName={folder / 'metastore_db'};create=true",
+        f"spark.driver.extraJavaOptions -Dderby.system.home={folder}",
+    ]) + "\n")
+    return {"SPARK_CONF_DIR": str(folder)}

@@ -70,3 +70,32 @@ def test_etl_on_a_standalone_cluster_writes_what_local_mode_writes(standalone_ma
     assert dataset_content(output) == dataset_content(nih_dataset)
     summary = json.loads((output / "_etl_summary.json").read_text())
     assert summary["rows_written"] == json.loads((nih_dataset / "_etl_summary.json").read_text())["rows_written"]
+
+
+def test_delta_spark_writes_the_results_table_from_the_clusters_executors(standalone_master, tmp_path):
+    """The delta-spark engine against a real cluster: the rows are written by the standalone worker's executor
+    (the jars are on its classpath as on the driver's), committed by the driver, and read back by delta-rs."""
+    import pandas as pd
+    from deltalake import DeltaTable
+
+    from test_delta_engines import WRITES, sample_rows, spark_python
+
+    table = tmp_path / "results"
+    ran = spark_python(f"""
+        import json
+        from cxr_pipeline.etl.sessions import session_builder
+        from test_delta_engines import WRITES, sample_rows
+        from cxr_pipeline.training.results import write_results
+        spark = session_builder("cxr-cluster-delta", {standalone_master!r}, delta=True).getOrCreate()
+        for run_id, stage, auroc in WRITES:
+            write_results({str(table)!r}, sample_rows(run_id, stage, auroc), "delta-spark")
+        executors = [e.host() for e in spark.sparkContext._jsc.sc().statusTracker().getExecutorInfos()]
+        print(json.dumps({{"master": spark.sparkContext.master, "hosts": executors}}))
+    """)
+    facts = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert facts["master"] == standalone_master and len(facts["hosts"]) >= 2  # the driver and the worker's executor
+    rows = DeltaTable(str(table)).to_pandas()
+    expected = pd.DataFrame([row for run_id, stage, auroc in WRITES[1:] for row in sample_rows(run_id, stage, auroc)])
+    assert len(rows) == len(expected)
+    assert sorted(rows["auroc"].round(6)) == sorted(expected["auroc"].round(6))
+    assert [entry["operation"] for entry in DeltaTable(str(table)).history()] == ["WRITE"] * 3

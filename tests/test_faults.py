@@ -19,7 +19,7 @@ from conftest import BIN, NIH, ROOT, require, run_cli, spark_etl
 from test_training import train_args
 from cxr_pipeline.etl.hold_points import VARIABLE
 from cxr_pipeline.training import checkpoints
-from cxr_pipeline.training.results import append_results, read_results
+from cxr_pipeline.training.results import write_results, read_results
 
 
 def sha256(path):
@@ -182,7 +182,7 @@ def test_etl_killed_half_way_leaves_no_partial_output(tmp_path):
 
 def append_many(table, writer, count):
     for index in range(count):
-        append_results(table, [{"run_id": f"{writer}-{index}", "created_at": pd.Timestamp.now(tz="UTC"),
+        write_results(table, [{"run_id": f"{writer}-{index}", "created_at": pd.Timestamp.now(tz="UTC"),
                                 "label": "mean", "auroc": 0.5, "n_pos": 1, "n_neg": 1}])
 
 

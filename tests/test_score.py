@@ -157,3 +157,42 @@ def test_a_batch_that_fails_is_scored_row_by_row_and_bad_rows_get_a_reason():
     assert scored["A"].tolist()[::2] == [0.5, 0.5] and np.isnan(scored["A"].iloc[1])
     assert scored["error"].tolist() == ["", "scoring_failed: RuntimeError: decoder crashed", ""]
     assert column_name("No Finding") == "No_Finding" and column_name("Pleural_Thickening") == "Pleural_Thickening"
+
+
+def test_spark_job_merges_through_delta_on_spark_into_a_catalog_table_and_adds_nothing_when_rerun(
+        logged, tmp_path, spark_catalog_env):
+    """The Databricks path: --table catalog.schema.table, so the default engine is delta-spark and the rows are
+    MERGEd on (image_id, model_uri) from the executors. A rerun with one new image adds exactly that row (a
+    MERGE that matches the rest); delta-rs reads the table Spark wrote, by its location in the warehouse."""
+    folder = images(tmp_path)
+    name = "spark_catalog.cxr.image_scores"
+    env = {"MLFLOW_TRACKING_URI": logged["store"], **spark_catalog_env}
+    run_cli(BIN / "python", "-c", "from cxr_pipeline.training.results import spark_session; "
+            "spark_session().sql('CREATE SCHEMA cxr')", env=env)  # the bundle's schema resource, here
+    score = [BIN / "python", "jobs/score.py", "--master", "local[2]", "--model-uri", f"models:/{MODEL_NAME}/1",
+             "--images", folder, "--table", name, "--batch-size", 4]
+    first = run_cli(*score, env=env)
+    assert "rows added 9" in first.stderr
+    shutil.copy(sorted(NIH.joinpath("images").glob("*.png"))[10], folder / "arrived_later.png")
+    second = run_cli(*score, env=env)
+    assert "rows added 1" in second.stderr and "rows of this model kept as they were 9" in second.stderr
+    location = next(iter((tmp_path / "spark-catalog" / "warehouse").glob("cxr.db/image_scores")))
+    table = DeltaTable(str(location))
+    rows = table.to_pandas()
+    assert len(rows) == 10 and rows["image_id"].is_unique and set(rows["model_uri"]) == {f"models:/{MODEL_NAME}/1"}
+    assert rows.set_index("image_id").loc["broken.png", "error"].startswith("not_an_image")
+    assert [entry["operation"] for entry in table.history()][::-1] == ["CREATE TABLE AS SELECT", "MERGE"]
+
+
+def test_scoring_before_any_version_carries_the_alias_says_so_and_succeeds(logged, tmp_path):
+    """A new deployment: the nightly job runs before anyone promoted a version. It must not fail the schedule
+    every night, and must say plainly what to do; nothing is written."""
+    folder = images(tmp_path)
+    result = run_cli(BIN / "python", "jobs/score.py", "--model-uri", f"models:/{MODEL_NAME}@champion",
+                     "--images", folder, "--table", tmp_path / "scores",
+                     env={"MLFLOW_TRACKING_URI": logged["store"]})
+    assert f"no version of '{MODEL_NAME}' carries the alias 'champion' yet" in result.stderr
+    assert "set_registered_model_alias" in result.stderr and not (tmp_path / "scores").exists()
+    missing = run_cli(BIN / "python", "jobs/score.py", "--model-uri", "models:/never-registered@champion",
+                      "--images", folder, "--table", tmp_path / "scores", env={"MLFLOW_TRACKING_URI": logged["store"]})
+    assert "no version of 'never-registered'" in missing.stderr

@@ -12,7 +12,7 @@ from deltalake import write_deltalake
 from conftest import BIN, KERMANY, NIH, require, run_cli
 from cxr_pipeline.training import tracking
 from cxr_pipeline.training.distributed import Single
-from cxr_pipeline.training.results import RESULT_SCHEMA, append_results, read_results
+from cxr_pipeline.training.results import RESULT_SCHEMA, write_results, read_results
 
 NO_SERVER = {"MLFLOW_TRACKING_URI": "", "MLFLOW_EXPERIMENT_NAME": ""}  # the local store in the run's folder
 
@@ -155,6 +155,6 @@ def test_the_mlflow_run_id_column_joins_tables_written_before_it(tmp_path):
     old_schema = pa.schema([field for field in RESULT_SCHEMA if field.name != "mlflow_run_id"])
     write_deltalake(str(tmp_path / "results"), pa.Table.from_pylist([{"run_id": "old", "label": "mean"}],
                                                                      schema=old_schema))
-    append_results(str(tmp_path / "results"), [{"run_id": "new", "label": "mean", "mlflow_run_id": "abc"}])
+    write_results(str(tmp_path / "results"), [{"run_id": "new", "label": "mean", "mlflow_run_id": "abc"}])
     rows = read_results(str(tmp_path / "results")).set_index("run_id")
     assert rows.loc["new", "mlflow_run_id"] == "abc" and pd.isna(rows.loc["old", "mlflow_run_id"])

@@ -19,8 +19,8 @@ def train_args(dataset, tmp_path, *extra):
             "--epochs-kt", 1, "--epochs-finetune", 1, "--batch-size", 4, "--max-steps-per-epoch", 3, *extra]
 
 
-def check_run(tmp_path, world_size, backend):
-    results = read_results(str(tmp_path / "results"))
+def check_run(tmp_path, world_size, backend, results=None):
+    results = read_results(str(tmp_path / "results")) if results is None else results
     assert len(results) == 2 * ROWS_PER_STAGE
     assert set(results["stage"]) == {"kt", "finetune"} and set(results["split"]) == {"val", "test"}
     assert (results["world_size"] == world_size).all() and (results["backend"] == backend).all()
@@ -143,11 +143,26 @@ def test_horovodrun_two_ranks_gloo_with_the_fp16_scaler(nih_dataset, tmp_path):
     assert refused.returncode != 0 and "horovod/horovod#3491" in refused.stdout + refused.stderr
 
 
-def test_torch_distributor_local_mode_runs_the_same_training(nih_dataset, tmp_path):
-    """jobs/train_distributor.py: the Databricks entry point, 2 processes on the driver."""
-    run_cli(BIN / "python", "jobs/train_distributor.py", "--num-processes", 2, "--local-mode", "--",
-            *train_args(nih_dataset, tmp_path)[1:])
-    check_run(tmp_path, 2, "torch")
+def test_torch_distributor_trains_publishes_through_spark_and_a_retry_resumes(nih_dataset, tmp_path,
+                                                                               spark_catalog_env):
+    """jobs/train_distributor.py, the Databricks entry point, with 2 processes on the driver: train.py writes no
+    table, the driver writes the rows to a catalog table through Delta on Spark. The same task run again (a
+    job retry: the same run id) continues from the run's checkpoint and replaces the run's rows."""
+    table = "spark_catalog.cxr.auroc_results"
+    run_cli(BIN / "python", "-c", "from cxr_pipeline.training.results import spark_session; "
+            "spark_session().sql('CREATE SCHEMA cxr')", env=spark_catalog_env)
+    command = [BIN / "python", "jobs/train_distributor.py", "--num-processes", 2, "--local-mode", "--results-table",
+               table, "--", *train_args(nih_dataset, tmp_path)[1:], "--run-id", "job-42"]
+    first = run_cli(*command, env=spark_catalog_env)
+    assert f"wrote {2 * ROWS_PER_STAGE} AUROC rows of run job-42 to {table}" in first.stderr
+    assert not (tmp_path / "results").exists()  # train.py's own --results-table: the driver wrote the catalog's
+    location = tmp_path / "spark-catalog" / "warehouse" / "cxr.db" / "auroc_results"
+    results, run_dir = check_run(tmp_path, 2, "torch", read_results(str(location), "deltalake"))
+    retry = run_cli(*command, env=spark_catalog_env)
+    assert f"{run_dir / 'checkpoint.pth'} exists: an earlier attempt of run job-42 stopped" in retry.stderr
+    again = read_results(str(location), "deltalake")
+    assert len(again) == len(results) and again["run_id"].unique().tolist() == ["job-42"]  # replaced, not added
+    assert len(DeltaTable(str(location)).history()) == 2
 
 
 def test_ensemble_of_the_best_epochs_averages_members_and_scores_like_a_model(nih_dataset, tmp_path):

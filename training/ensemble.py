@@ -31,7 +31,7 @@ from cxr_pipeline.training.evaluate import print_report, score
 from cxr_pipeline.training.metrics import mean_auroc, per_label_auroc
 from cxr_pipeline.training.models import metadata_features, uses_metadata
 from cxr_pipeline.training.plots import roc_curves
-from cxr_pipeline.training.results import ENGINES, append_results
+from cxr_pipeline.training.results import ENGINES, write_results
 
 
 @torch.no_grad()
@@ -85,7 +85,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--output-dir", help="where the averaged predictions and ROC PNG go "
                                              "(default outputs/ensembles/RUN_ID)")
     parser.add_argument("--results-table", help="also append the rows to this Delta table")
-    parser.add_argument("--results-engine", choices=ENGINES, default="deltalake")
+    parser.add_argument("--results-engine", choices=ENGINES, default="auto",
+                        help="auto (default), deltalake or delta-spark, as for train.py")
     parser.add_argument("--batch-size", type=int, default=32, help="for scoring checkpoints")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient-level resamples for 95%% CIs")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,7 +113,7 @@ def main(argv=None) -> list[dict]:
                f"ensemble of {len(frames)}, {args.split}: {len(aligned.image_ids)} images")
     if args.results_table:
         created = datetime.now(timezone.utc)
-        append_results(args.results_table, [{
+        write_results(args.results_table, [{
             "run_id": run_id, "created_at": created, "dataset": spec.dataset, "image_size": spec.image_size,
             "model": "ensemble", "stage": "ensemble", "split": args.split, **row, "world_size": 1,
             "backend": "single", "run_dir": str(output.resolve()),

@@ -32,7 +32,7 @@ from cxr_pipeline.training.label_files import Aligned
 from cxr_pipeline.training.metrics import auroc_report
 from cxr_pipeline.training.plots import reliability_diagram, roc_curves
 from cxr_pipeline.training.report import STYLE, image_tag, number_table
-from cxr_pipeline.training.results import append_results
+from cxr_pipeline.training.results import write_results
 from cxr_pipeline.training.targets import LabelLayout
 
 
@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", help="write auroc.csv, roc.png, reliability.png and report.html here")
     parser.add_argument("--roc-png", help="also draw the ROC curves to this PNG")
-    parser.add_argument("--results-table", help="append the AUROC rows to this Delta table (stage 'external')")
+    parser.add_argument("--results-table", help="append the AUROC rows to this Delta table (stage 'external'): a folder, "
+                                                              "or catalog.schema.table through Spark")
     parser.add_argument("--model-name", help="name of the scored model in the Delta rows (default: the file name)")
     return parser
 
@@ -170,7 +171,7 @@ def main(argv=None) -> list[dict]:
     if args.output_dir:
         print(f"wrote {write_outputs(Path(args.output_dir), title, report, aligned)}")
     if args.results_table:
-        append_results(args.results_table, result_rows(report, split, source,
+        write_results(args.results_table, result_rows(report, split, source,
                                                        args.model_name or Path(args.predictions).name))
         print(f"appended {len(report)} rows to {args.results_table}")
     return report

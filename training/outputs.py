@@ -1,7 +1,7 @@
 """What a training run writes besides its checkpoints, from rank 0: the summary.csv row and MLflow metrics of
 each epoch, and each stage's report (the calibration and thresholds stored with the best checkpoint,
 predictions CSVs, operating-point and calibration tables, ROC and reliability figures, the AUROC rows
-appended to the Delta results table, and the stage's MLflow logging through training/tracking.py).
+in RUN_DIR/auroc_rows.parquet and the Delta results table, and the stage's MLflow logging through training/tracking.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from cxr_pipeline.training.evaluation import (Predictions, SplitEvaluation, appl
                                               fit_on_val)
 from cxr_pipeline.training.operating_points import Policy
 from cxr_pipeline.training.plots import reliability_diagram, roc_curves, training_curves
-from cxr_pipeline.training.results import append_results
+from cxr_pipeline.training.results import NO_TABLE, save_run_rows, write_results
 
 log = logging.getLogger("train")
 # The options that make a model what it is, kept with each result row to compare runs.
@@ -35,7 +35,7 @@ class RunOutputs:
                  tracker):
         self.args, self.dist, self.spec, self.run_dir, self.policies = args, dist, spec, run_dir, policies
         self.tracker = tracker
-        self.results_written = 0  # Delta rows this process appended (rank 0)
+        self.results_written = 0  # AUROC rows this process reported (rank 0)
 
     def record_epoch(self, stage, epoch, stats, val_loss, val_auroc) -> None:
         row = {"stage": stage, "epoch": epoch, **stats, "val_loss": val_loss, "val_mean_auroc": val_auroc}
@@ -52,7 +52,7 @@ class RunOutputs:
                      train: Predictions | None) -> None:
         """Report the stage's best model from its predictions (evaluation.predict_for_report). On val, fit the
         calibration and choose the thresholds of every operating-point policy; store them with the checkpoint;
-        apply them unchanged to test. Append the rows to Delta and write the tables and figures."""
+        apply them unchanged to test. Write the rows to the run's file and the Delta table, and write the tables and figures."""
         args = self.args
         calibrators, thresholds = None, {}
         if "val" in raw:
@@ -81,7 +81,10 @@ class RunOutputs:
         write_csv(self.run_dir / f"operating_points_{stage}.csv", operating_rows)
         write_csv(self.run_dir / f"calibration_{stage}.csv", calibration_rows)
         if rows:
-            append_results(args.results_table, rows, args.results_engine)
+            save_run_rows(self.run_dir, rows)
+            if args.results_table != NO_TABLE:
+                engine = write_results(args.results_table, rows, args.results_engine)
+                log.info("%s: %d AUROC rows written to %s (%s)", stage, len(rows), args.results_table, engine)
             self.results_written += len(rows)
             training_curves(self.run_dir / "summary.csv", self.run_dir / "training_curves.png")
         self.tracker.log_stage(stage, rows)

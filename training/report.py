@@ -146,14 +146,15 @@ def render(results: pd.DataFrame, run_id: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def write_report(table_uri: str, output: Path, run_id: str | None = None) -> Path:
-    output.write_text(render(read_results(table_uri), run_id))
+def write_report(results: pd.DataFrame, output: Path, run_id: str | None = None) -> Path:
+    output.write_text(render(results, run_id))
     return output
 
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", required=True, help="the Delta results table (train.py --results-table)")
+    parser.add_argument("--table", required=True, help="the Delta results table (train.py --results-table): a folder or "
+                                                      "catalog.schema.table")
     parser.add_argument("--run-id", help="run to report (default: the run written last)")
     parser.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
     args = parser.parse_args(argv)
@@ -162,7 +163,7 @@ def main(argv=None) -> Path:
     if run.empty:
         raise SystemExit(f"no rows of run {args.run_id!r} in {args.table}" if args.run_id else f"{args.table} is empty")
     output = Path(args.output) if args.output else Path(run["run_dir"].iloc[0]) / "report.html"
-    path = write_report(args.table, output, run["run_id"].iloc[0])
+    path = write_report(results, output, run["run_id"].iloc[0])
     print(f"wrote {path}")
     return path
 

@@ -1,22 +1,28 @@
 """Per-label AUROC rows in a Delta table: one row per (run, stage, split, label).
 
-Two writers, chosen by `--results-engine`:
-- `deltalake` (delta-rs, default): a real Delta table (transaction log, versions, history)
-  written without Spark; what runs on a laptop and in CI.
-- `delta-spark`: through a Spark session that has the Delta jars, as on Databricks. Spark is
-  imported only when this engine is chosen, so training never needs it otherwise.
-Appends never overwrite: each write is one new table version.
+Two engines write and read the same table (same schema, same transaction log), chosen by `--results-engine`:
+- `deltalake` (delta-rs): a Delta table without Spark; what a laptop, CI and horovodrun use.
+- `delta-spark`: through a Spark session with the Delta jars, as on Databricks, where the table may be a Unity
+  Catalog name (`catalog.schema.table`). Spark is imported only when this engine is chosen.
+- `auto` (default): delta-spark for a catalog table name, on a Databricks runtime, or where this process
+  already runs a Spark session with Delta; delta-rs elsewhere.
 
-The table is a Delta folder (a path), or with `delta-spark` a Unity Catalog table name
-(`catalog.schema.table`), as on Databricks, where volumes hold files and tables belong in
-the catalog.
+A write replaces the rows of the same (run_id, stage) pairs, if the table has any, else appends: a retried job
+that reports a stage again leaves one set of rows, and distinct runs never touch each other's rows. Each write
+is one table version. Every training run also keeps its own rows in RUN_DIR/auroc_rows.parquet (plain
+Parquet): what a job's driver publishes when the training processes run where no table can be written.
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 RESULT_SCHEMA = pa.schema([
     ("run_id", pa.string()),
@@ -59,45 +65,179 @@ RESULT_SCHEMA = pa.schema([
     # written before the column existed (appends merge it into older tables)
     ("mlflow_run_id", pa.string()),
 ])
-ENGINES = ("deltalake", "delta-spark")
+ENGINES = ("auto", "deltalake", "delta-spark")
+NO_TABLE = "none"  # train.py --results-table none: the rows stay in RUN_DIR/auroc_rows.parquet
+RUN_ROWS = "auroc_rows.parquet"
 TABLE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}$")  # schema.table or catalog.schema.table
+SPARK_TYPES = {pa.string(): "string", pa.timestamp("us", tz="UTC"): "timestamp", pa.int32(): "int",
+               pa.int64(): "bigint", pa.float64(): "double"}
+SPARK_SCHEMA = ", ".join(f"`{field.name}` {SPARK_TYPES[field.type]}" for field in RESULT_SCHEMA)
 
 
 def is_table_name(table_uri: str) -> bool:
     return bool(TABLE_NAME.match(table_uri))
 
 
-def append_results(table_uri: str, rows: list[dict], engine: str = "deltalake") -> None:
-    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-    if engine == "deltalake":
-        if is_table_name(table_uri):
-            raise ValueError(f"{table_uri!r} is a catalog table name: write it with --results-engine delta-spark "
-                             "(a Spark session with Delta, as on Databricks), or give a folder path (./NAME for a folder "
-                             "here)")
-        from deltalake import write_deltalake
+def on_databricks() -> bool:
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
-        write_deltalake(table_uri, table, mode="append", schema_mode="merge")  # tables from before new columns
-    elif engine == "delta-spark":
-        from pyspark.sql import SparkSession
 
-        publish(SparkSession.builder.getOrCreate(), table.to_pandas(), table_uri)  # a Delta-enabled session
-    else:
+def active_delta_session():
+    """This process's Spark session if it has Delta's SQL extension (never imports Spark itself)."""
+    if "pyspark" not in sys.modules:
+        return None
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession()
+    if spark is None or "DeltaSparkSessionExtension" not in spark.conf.get("spark.sql.extensions", ""):
+        return None
+    return spark
+
+
+def resolve_engine(engine: str, table_uri: str) -> str:
+    if engine not in ENGINES:
         raise ValueError(f"unknown results engine {engine!r}; choose one of {ENGINES}")
+    if engine != "auto":
+        return engine
+    if is_table_name(table_uri) or on_databricks() or active_delta_session() is not None:
+        return "delta-spark"
+    return "deltalake"
 
 
-def publish(spark, rows: pd.DataFrame, table_uri: str) -> None:
-    """Append rows with a Delta-enabled Spark session: to a catalog table by name, else to a path."""
-    writer = spark.createDataFrame(rows).write.format("delta").mode("append").option("mergeSchema", "true")
+def spark_session():
+    """The active Delta-enabled session, else one started for the results (etl/sessions.py)."""
+    from cxr_pipeline.etl.sessions import session_builder
+
+    return active_delta_session() or session_builder("cxr-results", delta=True).getOrCreate()
+
+
+def quoted(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def run_stages(rows: pa.Table) -> list[tuple[str, str | None]]:
+    """The (run_id, stage) pairs of the rows: what a write replaces."""
+    return sorted(set(zip(rows.column("run_id").to_pylist(), rows.column("stage").to_pylist())), key=str)
+
+
+def replaced_rows_predicate(rows: pa.Table) -> str:
+    """SQL that matches the table rows these rows replace."""
+    return " OR ".join(f"(run_id = {quoted(run)} AND " + ("stage IS NULL)" if stage is None else f"stage = {quoted(stage)})")
+                       for run, stage in run_stages(rows))
+
+
+def write_results(table_uri: str, rows: list[dict] | pd.DataFrame, engine: str = "auto") -> str:
+    """Write rows to the table: replacing the rows of the same (run_id, stage) pairs where the table has
+    some, else appending. Returns the engine used."""
+    if isinstance(rows, pd.DataFrame):
+        rows = rows.astype(object).where(rows.notna(), None).to_dict("records")
+    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    predicate = replaced_rows_predicate(table)
+    engine = resolve_engine(engine, table_uri)
+    if engine == "deltalake":
+        write_with_deltalake(table_uri, table, predicate)
+    else:
+        write_with_spark(spark_session(), table_uri, table, predicate)
+    return engine
+
+
+def write_with_deltalake(table_uri: str, table: pa.Table, predicate: str) -> None:
+    if is_table_name(table_uri):
+        raise ValueError(f"{table_uri!r} is a catalog table name: write it with --results-engine delta-spark or auto "
+                         "(a Spark session with Delta, as on Databricks), or give a folder path (./NAME for a folder "
+                         "here)")
+    from deltalake import DeltaTable, write_deltalake
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        replaces = DeltaTable(table_uri).to_pyarrow_dataset().to_table(
+            columns=["run_id", "stage"], filter=pc_predicate(table)).num_rows > 0
+    except TableNotFoundError:
+        replaces = False
+    if replaces:  # schema_mode merge: tables from before a column was added
+        write_deltalake(table_uri, table, mode="overwrite", predicate=predicate, schema_mode="merge")
+    else:
+        write_deltalake(table_uri, table, mode="append", schema_mode="merge")
+
+
+def pc_predicate(table: pa.Table):
+    """replaced_rows_predicate as a pyarrow expression."""
+    import pyarrow.dataset as ds
+
+    expression = None
+    for run, stage in run_stages(table):
+        same_stage = ds.field("stage").is_null() if stage is None else ds.field("stage") == stage
+        pair = (ds.field("run_id") == run) & same_stage
+        expression = pair if expression is None else expression | pair
+    return expression
+
+
+def write_with_spark(spark, table_uri: str, table: pa.Table, predicate: str) -> None:
+    """Through Delta on Spark: a catalog table by name (created on first write), else a Delta folder."""
+    # Python values, not pandas: a null int column would become NaN floats that Spark's int columns refuse
+    frame = spark.createDataFrame([tuple(row.values()) for row in table.to_pylist()], schema=SPARK_SCHEMA)
+    replaces = table_exists(spark, table_uri) and read_with_spark(spark, table_uri).where(predicate).limit(1).count()
+    writer = frame.write.format("delta").option("mergeSchema", "true")
+    writer = writer.mode("overwrite").option("replaceWhere", predicate) if replaces else writer.mode("append")
     if is_table_name(table_uri):
         writer.saveAsTable(table_uri)
     else:
         writer.save(table_uri)
 
 
-def read_results(table_uri: str) -> pd.DataFrame:
-    from deltalake import DeltaTable
+def table_exists(spark, table_uri: str) -> bool:
+    from delta.tables import DeltaTable
 
-    return DeltaTable(table_uri).to_pandas()
+    return spark.catalog.tableExists(table_uri) if is_table_name(table_uri) else DeltaTable.isDeltaTable(spark, table_uri)
+
+
+def read_with_spark(spark, table_uri: str):
+    return spark.read.table(table_uri) if is_table_name(table_uri) else spark.read.format("delta").load(table_uri)
+
+
+def read_results(table_uri: str, engine: str = "auto") -> pd.DataFrame:
+    if resolve_engine(engine, table_uri) == "deltalake":
+        from deltalake import DeltaTable
+
+        return DeltaTable(table_uri).to_pandas()
+    spark = spark_session()
+    return read_with_spark(spark, table_uri).toPandas()
+
+
+def table_history(table_uri: str, engine: str = "auto") -> list[tuple[int, str, datetime]]:
+    """(version, operation, commit time in UTC) of every version of the table, oldest first."""
+    if resolve_engine(engine, table_uri) == "deltalake":
+        from deltalake import DeltaTable
+
+        entries = [(entry["version"], entry["operation"], datetime.fromtimestamp(entry["timestamp"] / 1000, timezone.utc))
+                   for entry in DeltaTable(table_uri).history()]
+    else:
+        from delta.tables import DeltaTable
+
+        spark = spark_session()
+        delta = DeltaTable.forName(spark, table_uri) if is_table_name(table_uri) else DeltaTable.forPath(spark, table_uri)
+        entries = [(row.version, row.operation, row.timestamp.replace(tzinfo=timezone.utc) if row.timestamp.tzinfo is None
+                    else row.timestamp.astimezone(timezone.utc)) for row in delta.history().collect()]
+    return sorted(entries)
+
+
+def save_run_rows(run_dir: Path, rows: list[dict]) -> Path:
+    """RUN_DIR/auroc_rows.parquet: the run's rows so far, these replacing any of the same (run_id, stage)."""
+    path = run_dir / RUN_ROWS
+    new = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    if path.exists():
+        kept = pq.read_table(path, schema=RESULT_SCHEMA).filter(~pc_predicate(new))
+        new = pa.concat_tables([kept, new])
+    staging = path.with_name(f".{path.name}.tmp")
+    pq.write_table(new, staging)
+    staging.replace(path)  # readers see the old file or the new one, never half of one
+    return path
+
+
+def read_run_rows(run_dir: Path) -> pd.DataFrame:
+    """The rows of RUN_DIR/auroc_rows.parquet (empty when the run wrote none)."""
+    path = Path(run_dir) / RUN_ROWS
+    return pq.read_table(path, schema=RESULT_SCHEMA).to_pandas() if path.exists() else pd.DataFrame()
 
 
 def latest_run(results: pd.DataFrame, run_id: str | None = None) -> pd.DataFrame:

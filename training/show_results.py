@@ -1,26 +1,29 @@
-"""Print a run's per-label AUROC table from the Delta results table.
+"""Print a run's per-label AUROC table from the Delta results table, whichever engine wrote it.
 
     python -m training.show_results --table outputs/results_delta            # latest run
     python -m training.show_results --table outputs/results_delta --run-id R --history
+    python -m training.show_results --table main.cxr.auroc_results         # a catalog table, through Spark
 """
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timezone
-
 import pandas as pd
 
-from cxr_pipeline.training.results import auroc_table, latest_run, read_results
+from cxr_pipeline.training.results import ENGINES, auroc_table, latest_run, read_results, table_history
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", default="outputs/results_delta", help="Delta table (default outputs/results_delta)")
+    parser.add_argument("--table", default="outputs/results_delta",
+                        help="Delta table: a folder (default outputs/results_delta) or catalog.schema.table")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="auto (default): delta-rs for a folder, Spark with Delta for a catalog table name or on "
+                             "Databricks")
     parser.add_argument("--run-id", help="run to show (default: the latest)")
     parser.add_argument("--history", action="store_true", help="also list the table's versions (one per write)")
     args = parser.parse_args(argv)
 
-    run = latest_run(read_results(args.table), args.run_id)
+    run = latest_run(read_results(args.table, args.engine), args.run_id)
     if run.empty:
         raise SystemExit(f"no rows{' for run ' + args.run_id if args.run_id else ''} in {args.table}")
     first = run.iloc[0]
@@ -34,11 +37,8 @@ def main(argv=None) -> None:
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):
         print(table.to_string(na_rep="-"))
     if args.history:
-        from deltalake import DeltaTable
-
-        for entry in DeltaTable(args.table).history():
-            written = datetime.fromtimestamp(entry["timestamp"] / 1000, tz=timezone.utc)
-            print(f"version {entry.get('version')}: {entry.get('operation')} at {written:%Y-%m-%d %H:%M:%S} UTC")
+        for version, operation, written in table_history(args.table, args.engine):
+            print(f"version {version}: {operation} at {written:%Y-%m-%d %H:%M:%S} UTC")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ Runs go to OUTPUT_DIR/SWEEP_ID/runs/RUN_ID, their logs to OUTPUT_DIR/SWEEP_ID/lo
 on CPU one per 2 cores, each with OMP_NUM_THREADS = cores / parallel runs. A failed run is reported with its
 log and does not stop the others; the exit status is 0 only if every run succeeded and every stage has rows.
 
-Each run writes its AUROC rows to RUN_DIR/results_delta, as jobs/train_distributor.py does on Databricks;
-the sweep then appends them to --results-table, where a sweep's rows are those whose run_id starts with
+Each run keeps its AUROC rows in RUN_DIR/auroc_rows.parquet (train.py --results-table none), as under
+jobs/train_distributor.py on Databricks; the sweep then writes them to --results-table in one commit, where a sweep's rows are those whose run_id starts with
 'SWEEP_ID-'. OUTPUT_DIR/SWEEP_ID/comparison.csv and comparison.html hold one row per model, size and stage,
 built from each run's own outputs: test mean AUROC with its 95% patient-level bootstrap CI (the result),
 val mean AUROC (labelled val: it chose the best epoch and fitted the calibration), per-label test AUROC,
@@ -37,13 +37,12 @@ import pandas as pd
 
 from cxr_pipeline.config import dump_config, parse_args
 from cxr_pipeline.training.report import STYLE, number_table, with_interval
-from cxr_pipeline.training.results import ENGINES, append_results, read_results
+from cxr_pipeline.training.results import ENGINES, NO_TABLE, read_run_rows, write_results
 from cxr_pipeline.training.train import STAGES, new_run_id
 from cxr_pipeline.training.train import build_parser as train_parser
 
 log = logging.getLogger("sweep")
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")
-RUN_TABLE = "results_delta"  # RUN_DIR/results_delta, the folder jobs/train_distributor.py stages rows in too
 # train.py options the sweep sets for every run; given after -- they would contradict the grid
 RESERVED = {"dataset": "--dataset", "model": "--model", "stages": "--stages", "run_id": "--sweep-id",
             "output_dir": "--output-dir", "results_table": "--results-table", "results_engine": "--results-engine",
@@ -88,10 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--run-timeout", type=float, default=0,
                       help="stop a run after this many seconds and count it as failed (default 0: no limit)")
     runs.add_argument("--results-table", default="outputs/results_delta",
-                      help="Delta table the runs' AUROC rows are appended to at the end "
+                      help="Delta table the runs' AUROC rows are written to at the end "
                            "(default outputs/results_delta)")
-    runs.add_argument("--results-engine", choices=ENGINES, default="deltalake",
-                      help="how to append them: deltalake (default) or delta-spark (a Spark session with Delta)")
+    runs.add_argument("--results-engine", choices=ENGINES, default="auto",
+                      help="how to write them: auto (default: delta-spark for a catalog table name or on "
+                           "Databricks, else deltalake), deltalake or delta-spark")
     runs.add_argument("--compare-only", action="store_true",
                       help="train nothing and append nothing: rebuild the comparison from the run folders, e.g. "
                            "after the Databricks job cxr_sweep trained the cells as separate tasks")
@@ -163,7 +163,7 @@ def train_argv(cell: Cell, args) -> list[str]:
     config = ["--config", args.config] if args.config else []
     return [*config, *args.train_args, "--dataset", cell.dataset, "--model", cell.model, "--stages", args.stages,
             "--run-id", cell.run_id, "--output-dir", str(cell.run_dir.parent),
-            "--results-table", str(cell.run_dir / RUN_TABLE), "--backend", "single"]
+            "--results-table", NO_TABLE, "--backend", "single"]
 
 
 def check_train_args(cells: list[Cell], args) -> None:
@@ -255,27 +255,22 @@ def train_grid(cells: list[Cell], args, gpus: list[str], cores: int) -> dict[str
 
 
 def run_rows(cell: Cell) -> pd.DataFrame:
-    """The AUROC rows a run wrote to RUN_DIR/results_delta (empty if none)."""
-    table = cell.run_dir / RUN_TABLE
-    return read_results(str(table)) if table.exists() else pd.DataFrame()
+    """The AUROC rows a run kept in RUN_DIR/auroc_rows.parquet (empty if none)."""
+    return read_run_rows(cell.run_dir)
 
 
 def publish(cells: list[Cell], table_uri: str, engine: str) -> tuple[int, int]:
-    """Append every run's rows to the shared table in one write: (rows, runs with rows)."""
+    """Write every run's rows to the shared table in one commit: (rows, runs with rows)."""
     frames = [rows for rows in map(run_rows, cells) if not rows.empty]
     if not frames:
         return 0, 0
-    rows = pd.concat(frames, ignore_index=True)
-    append_results(table_uri, rows.astype(object).where(rows.notna(), None).to_dict("records"), engine)
-    return len(rows), len(frames)
+    write_results(table_uri, pd.concat(frames, ignore_index=True), engine)
+    return sum(map(len, frames)), len(frames)
 
 
 def stage_rows(rows: pd.DataFrame, stage: str) -> pd.DataFrame:
-    """The stage's rows of its last attempt (a retried Databricks task appends a second set)."""
-    if rows.empty:
-        return rows
-    rows = rows[rows["stage"] == stage]
-    return rows[rows["created_at"] == rows["created_at"].max()]
+    """The stage's rows (a retried run replaces its earlier rows of a stage, never adds a second set)."""
+    return rows if rows.empty else rows[rows["stage"] == stage]
 
 
 def training_speed(run_dir: Path, stage: str) -> tuple[int | None, float | None]:

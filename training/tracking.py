@@ -103,6 +103,18 @@ def tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / LOCAL_FOLDER / LOCAL_STORE}"
 
 
+def registry_uri(tracking: str) -> str | None:
+    """The model registry of a tracking URI: MLFLOW_REGISTRY_URI when set; Unity Catalog (`databricks-uc`) for a
+    Databricks workspace, pinned rather than left to MLflow's default, which a cluster's
+    spark.mlflow.modelRegistryUri or an MLflow 2 client turns into the workspace registry; a local SQLite store
+    is its own registry; else MLflow's default for the server."""
+    if os.environ.get("MLFLOW_REGISTRY_URI"):
+        return os.environ["MLFLOW_REGISTRY_URI"]
+    if tracking == "databricks" or tracking.startswith("databricks://"):
+        return "databricks-uc"
+    return tracking if sqlite_file(tracking) else None
+
+
 def sqlite_file(uri: str) -> Path | None:
     """The database file of a local SQLite store (sqlite:////abs/path.db, sqlite:///relative.db), else None."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
@@ -165,7 +177,7 @@ class MlflowTracking:
         store = sqlite_file(self.uri)
         if store is not None:
             store.parent.mkdir(parents=True, exist_ok=True)
-        self.registry_uri = self.uri if store else None  # else MLflow's default for the server (Unity Catalog)
+        self.registry_uri = registry_uri(self.uri)
         name = (args.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
                 or ("/Shared/" if self.uri.startswith("databricks") else "") + f"cxr-{spec.dataset}")
         artifacts = (store.parent.resolve() / LOCAL_ARTIFACTS).as_uri() if store else None  # beside the database

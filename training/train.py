@@ -32,7 +32,7 @@ from cxr_pipeline.training.operating_points import DEFAULT_POLICIES, Policy, par
 from cxr_pipeline.training.outputs import RunOutputs
 from cxr_pipeline.training.precision import AMP_MODES, Precision
 from cxr_pipeline.training.report import write_report
-from cxr_pipeline.training.results import ENGINES
+from cxr_pipeline.training.results import ENGINES, NO_TABLE, read_results, read_run_rows
 from cxr_pipeline.training.sampling import Oversampler
 from cxr_pipeline.training.schedules import OPTIMIZERS, SCHEDULES
 from cxr_pipeline.training.targets import LOSSES, LabelLayout, LabelLoss, positive_weights
@@ -49,15 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", help="folder written by etl/preprocess.py (its --output)")
     data.add_argument("--output-dir", default="outputs/runs",
                       help="runs go to OUTPUT_DIR/RUN_ID (default outputs/runs)")
-    data.add_argument("--results-table", default="outputs/results_delta", help="Delta table of AUROC rows")
+    data.add_argument("--results-table", default="outputs/results_delta",
+                      help="Delta table of AUROC rows: a folder, or catalog.schema.table (delta-spark); 'none' keeps "
+                           "them only in RUN_DIR/auroc_rows.parquet, for a driver to publish (jobs/train_distributor.py)")
     data.add_argument("--predict-train", action="store_true",
                       help="also write each stage's best-model probabilities on the train split "
                            "(predictions_<stage>_train.csv), e.g. for the U-SelfTrained relabel step")
     data.add_argument("--keep-epochs", type=int, default=0,
                       help="also keep the N best epochs of each stage as epoch_<stage>_<epoch>.pth, e.g. for "
                            "python -m training.ensemble (default 0: only best_<stage>.pth)")
-    data.add_argument("--results-engine", choices=ENGINES, default="deltalake",
-                      help="deltalake (delta-rs, no Spark; default) or delta-spark (a Spark session with Delta jars)")
+    data.add_argument("--results-engine", choices=ENGINES, default="auto",
+                      help="auto (default): delta-spark for a catalog table name or on Databricks, else deltalake "
+                           "(delta-rs, no Spark); or name one (training/results.py)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=sorted(MODELS), default="densenet121")
     model.add_argument("--weights", default="imagenet", help="imagenet (downloads once), none, or a checkpoint path")
@@ -233,7 +236,9 @@ def main(argv=None) -> None:
             outputs.report_stage(stage, trained.best_epoch, trained.wait_fraction, raw, train)
         state = trained.best_state
     if dist.is_main and outputs.results_written:
-        log.info("report: %s", write_report(args.results_table, run_dir / "report.html", args.run_id))
+        results = (read_run_rows(run_dir) if args.results_table == NO_TABLE  # else other runs too, to compare
+                   else read_results(args.results_table, args.results_engine))
+        log.info("report: %s", write_report(results, run_dir / "report.html", args.run_id))
     outputs.tracker.finish(stages[-1])  # report, AUROC table, Grad-CAM examples, the model (rank 0)
     log.info("run %s done; results in %s", args.run_id, args.results_table)
     dist.shutdown()
