@@ -34,8 +34,9 @@ rm -f "$JARS"/delta-spark_*.jar "$JARS"/delta-storage-*.jar  # another version's
 for artifact in "${wanted[@]}"; do
   # dependency:copy resolves into ~/.m2 (the cache: a rerun downloads nothing) and copies the jar alone;
   # delta-spark's other dependencies (scala-library, antlr4-runtime) already ship with pyspark.
-  if ! mvn --batch-mode --quiet dependency:copy -Dartifact="${artifact}:jar" -DoutputDirectory="$JARS" \
-      -Dmdep.overWriteReleases=true; then
+  if ! output=$(mvn --batch-mode --quiet dependency:copy -Dartifact="${artifact}:jar" -DoutputDirectory="$JARS" \
+      -Dmdep.overWriteReleases=true 2>&1); then
+    echo "$output" >&2
     echo "FAILED: Maven could not fetch ${artifact} (check mvn's settings.xml and network)" >&2
     exit 1
   fi

@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--images", nargs="+", help="image files, folders, glob patterns or .txt lists of paths")
     source.add_argument("--dataset", help="an ETL output folder (etl/preprocess.py --output)")
     parser.add_argument("--split", action="append", choices=SPLITS, help="with --dataset: split(s) (default: all)")
-    parser.add_argument("--table", required=True, help="Delta table of scores: a folder, or with --engine "
-                                                       "delta-spark a catalog table name")
+    parser.add_argument("--table", required=True, help="Delta table of scores: a folder, or a catalog table name "
+                                                       "(catalog.schema.table, through Spark)")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="auto (default): delta-spark for a catalog table name or on Databricks, else deltalake "
                              "(delta-rs); or name one")
@@ -113,7 +113,6 @@ def resolve_model_uri(uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-
     name, alias = match.group(1), match.group(2)
     if alias:
         try:

@@ -47,7 +47,8 @@ def main(argv=None) -> None:
 
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    spark = session_builder("cxr-train", delta=True).getOrCreate()
+    # TorchDistributor runs on the active session; the results are written through the same one (with Delta)
+    session_builder("cxr-train", delta=True).getOrCreate()
     distributor = TorchDistributor(num_processes=args.num_processes, local_mode=args.local_mode,
                                    use_gpu=args.use_gpu)
     distributor.run(str(TRAIN_SCRIPT), *train_args)
@@ -57,7 +58,6 @@ def main(argv=None) -> None:
     if table != NO_TABLE:
         write_results(table, rows, "delta-spark")
         log.info("wrote %d AUROC rows of run %s to %s", len(rows), run_id, table)
-    spark.stop()
 
 
 def driver_owned_run(train_args: list[str]) -> tuple[list[str], Path, str, str]:

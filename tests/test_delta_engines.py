@@ -22,7 +22,8 @@ def sample_rows(run_id: str, stage: str, auroc: float) -> list[dict]:
              "stage": stage, "split": split, "label": label, "auroc": auroc + index / 100,
              "auroc_ci_low": auroc - 0.1, "auroc_ci_high": min(1.0, auroc + 0.1),
              "auroc_weighted": auroc if label == "mean" else None, "n_pos": 3 + index, "n_neg": 20,
-             "operating_point": None if label == "mean" else "sens>=0.95", "threshold": None if label == "mean" else 0.4,
+             "operating_point": None if label == "mean" else "sens>=0.95",
+             "threshold": None if label == "mean" else 0.4,
              "tp": None if label == "mean" else 3, "best_epoch": 2, "world_size": 2, "backend": "torch",
              "run_dir": f"/runs/{run_id}", "model_config": json.dumps({"model": "small_cnn"}), "mlflow_run_id": None}
             for split in ("val", "test") for index, label in enumerate(LABELS)]

@@ -162,22 +162,20 @@ def test_a_batch_that_fails_is_scored_row_by_row_and_bad_rows_get_a_reason():
 def test_spark_job_merges_through_delta_on_spark_into_a_catalog_table_and_adds_nothing_when_rerun(
         logged, tmp_path, spark_catalog_env):
     """The Databricks path: --table catalog.schema.table, so the default engine is delta-spark and the rows are
-    MERGEd on (image_id, model_uri) from the executors. A rerun with one new image adds exactly that row (a
-    MERGE that matches the rest); delta-rs reads the table Spark wrote, by its location in the warehouse."""
+    MERGEd on (image_id, model_uri) from the executors. A rerun with one new image and --rescore-errors MERGEs:
+    it inserts the new image's row, replaces the two error rows, and adds nothing for the images already
+    scored. delta-rs reads the table Spark wrote, by its location in the warehouse."""
     folder = images(tmp_path)
-    name = "spark_catalog.cxr.image_scores"
+    name = "spark_catalog.default.image_scores"  # the metastore's own schema (test_delta_engines makes one)
     env = {"MLFLOW_TRACKING_URI": logged["store"], **spark_catalog_env}
-    run_cli(BIN / "python", "-c", "from cxr_pipeline.training.results import spark_session; "
-            "spark_session().sql('CREATE SCHEMA cxr')", env=env)  # the bundle's schema resource, here
     score = [BIN / "python", "jobs/score.py", "--master", "local[2]", "--model-uri", f"models:/{MODEL_NAME}/1",
              "--images", folder, "--table", name, "--batch-size", 4]
     first = run_cli(*score, env=env)
     assert "rows added 9" in first.stderr
     shutil.copy(sorted(NIH.joinpath("images").glob("*.png"))[10], folder / "arrived_later.png")
-    second = run_cli(*score, env=env)
-    assert "rows added 1" in second.stderr and "rows of this model kept as they were 9" in second.stderr
-    location = next(iter((tmp_path / "spark-catalog" / "warehouse").glob("cxr.db/image_scores")))
-    table = DeltaTable(str(location))
+    second = run_cli(*score, "--rescore-errors", env=env)
+    assert "rows added 1, earlier error rows replaced 2, rows of this model kept as they were 7" in second.stderr
+    table = DeltaTable(str(tmp_path / "spark-catalog" / "warehouse" / "image_scores"))
     rows = table.to_pandas()
     assert len(rows) == 10 and rows["image_id"].is_unique and set(rows["model_uri"]) == {f"models:/{MODEL_NAME}/1"}
     assert rows.set_index("image_id").loc["broken.png", "error"].startswith("not_an_image")

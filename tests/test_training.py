@@ -148,15 +148,13 @@ def test_torch_distributor_trains_publishes_through_spark_and_a_retry_resumes(ni
     """jobs/train_distributor.py, the Databricks entry point, with 2 processes on the driver: train.py writes no
     table, the driver writes the rows to a catalog table through Delta on Spark. The same task run again (a
     job retry: the same run id) continues from the run's checkpoint and replaces the run's rows."""
-    table = "spark_catalog.cxr.auroc_results"
-    run_cli(BIN / "python", "-c", "from cxr_pipeline.training.results import spark_session; "
-            "spark_session().sql('CREATE SCHEMA cxr')", env=spark_catalog_env)
+    table = "spark_catalog.default.auroc_results"  # the metastore's own schema (test_delta_engines makes one)
     command = [BIN / "python", "jobs/train_distributor.py", "--num-processes", 2, "--local-mode", "--results-table",
                table, "--", *train_args(nih_dataset, tmp_path)[1:], "--run-id", "job-42"]
     first = run_cli(*command, env=spark_catalog_env)
     assert f"wrote {2 * ROWS_PER_STAGE} AUROC rows of run job-42 to {table}" in first.stderr
     assert not (tmp_path / "results").exists()  # train.py's own --results-table: the driver wrote the catalog's
-    location = tmp_path / "spark-catalog" / "warehouse" / "cxr.db" / "auroc_results"
+    location = tmp_path / "spark-catalog" / "warehouse" / "auroc_results"
     results, run_dir = check_run(tmp_path, 2, "torch", read_results(str(location), "deltalake"))
     retry = run_cli(*command, env=spark_catalog_env)
     assert f"{run_dir / 'checkpoint.pth'} exists: an earlier attempt of run job-42 stopped" in retry.stderr

@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", help="write auroc.csv, roc.png, reliability.png and report.html here")
     parser.add_argument("--roc-png", help="also draw the ROC curves to this PNG")
-    parser.add_argument("--results-table", help="append the AUROC rows to this Delta table (stage 'external'): a folder, "
-                                                              "or catalog.schema.table through Spark")
+    parser.add_argument("--results-table", help="append the AUROC rows to this Delta table (stage 'external'): a "
+                                                "folder, or catalog.schema.table through Spark")
     parser.add_argument("--model-name", help="name of the scored model in the Delta rows (default: the file name)")
     return parser
 

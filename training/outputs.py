@@ -1,7 +1,8 @@
 """What a training run writes besides its checkpoints, from rank 0: the summary.csv row and MLflow metrics of
 each epoch, and each stage's report (the calibration and thresholds stored with the best checkpoint,
 predictions CSVs, operating-point and calibration tables, ROC and reliability figures, the AUROC rows
-in RUN_DIR/auroc_rows.parquet and the Delta results table, and the stage's MLflow logging through training/tracking.py).
+in RUN_DIR/auroc_rows.parquet and the Delta results table, and the stage's MLflow logging through
+training/tracking.py).
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class RunOutputs:
                      train: Predictions | None) -> None:
         """Report the stage's best model from its predictions (evaluation.predict_for_report). On val, fit the
         calibration and choose the thresholds of every operating-point policy; store them with the checkpoint;
-        apply them unchanged to test. Write the rows to the run's file and the Delta table, and write the tables and figures."""
+        apply them unchanged to test. Write the rows to the run's file and the Delta table, then the tables and
+        figures."""
         args = self.args
         calibrators, thresholds = None, {}
         if "val" in raw:

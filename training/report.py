@@ -153,8 +153,8 @@ def write_report(results: pd.DataFrame, output: Path, run_id: str | None = None)
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", required=True, help="the Delta results table (train.py --results-table): a folder or "
-                                                      "catalog.schema.table")
+    parser.add_argument("--table", required=True,
+                        help="the Delta results table (train.py --results-table): a folder or catalog.schema.table")
     parser.add_argument("--run-id", help="run to report (default: the run written last)")
     parser.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
     args = parser.parse_args(argv)

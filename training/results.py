@@ -122,7 +122,7 @@ def run_stages(rows: pa.Table) -> list[tuple[str, str | None]]:
 
 def replaced_rows_predicate(rows: pa.Table) -> str:
     """SQL that matches the table rows these rows replace."""
-    return " OR ".join(f"(run_id = {quoted(run)} AND " + ("stage IS NULL)" if stage is None else f"stage = {quoted(stage)})")
+    return " OR ".join(f"(run_id = {quoted(run)} AND stage " + ("IS NULL)" if stage is None else f"= {quoted(stage)})")
                        for run, stage in run_stages(rows))
 
 
@@ -143,9 +143,9 @@ def write_results(table_uri: str, rows: list[dict] | pd.DataFrame, engine: str =
 
 def write_with_deltalake(table_uri: str, table: pa.Table, predicate: str) -> None:
     if is_table_name(table_uri):
-        raise ValueError(f"{table_uri!r} is a catalog table name: write it with --results-engine delta-spark or auto "
-                         "(a Spark session with Delta, as on Databricks), or give a folder path (./NAME for a folder "
-                         "here)")
+        raise ValueError(f"{table_uri!r} is a catalog table name: write it with --results-engine delta-spark or "
+                         "auto (a Spark session with Delta, as on Databricks), or give a folder path (./NAME for a "
+                         "folder here)")
     from deltalake import DeltaTable, write_deltalake
     from deltalake.exceptions import TableNotFoundError
 
@@ -188,7 +188,9 @@ def write_with_spark(spark, table_uri: str, table: pa.Table, predicate: str) -> 
 def table_exists(spark, table_uri: str) -> bool:
     from delta.tables import DeltaTable
 
-    return spark.catalog.tableExists(table_uri) if is_table_name(table_uri) else DeltaTable.isDeltaTable(spark, table_uri)
+    if is_table_name(table_uri):
+        return spark.catalog.tableExists(table_uri)
+    return DeltaTable.isDeltaTable(spark, table_uri)
 
 
 def read_with_spark(spark, table_uri: str):
@@ -200,8 +202,12 @@ def read_results(table_uri: str, engine: str = "auto") -> pd.DataFrame:
         from deltalake import DeltaTable
 
         return DeltaTable(table_uri).to_pandas()
-    spark = spark_session()
-    return read_with_spark(spark, table_uri).toPandas()
+    # Spark hands timestamps over in the session's time zone: as microseconds since the epoch they stay UTC
+    rows = read_with_spark(spark_session(), table_uri).selectExpr("*", "unix_micros(created_at) AS created_us")
+    frame = rows.drop("created_at").toPandas()
+    frame["created_at"] = pd.to_datetime(frame.pop("created_us"), unit="us", utc=True)
+    return frame[[name for name in RESULT_SCHEMA.names if name in frame] +
+                 [name for name in frame if name not in RESULT_SCHEMA.names]]
 
 
 def table_history(table_uri: str, engine: str = "auto") -> list[tuple[int, str, datetime]]:
@@ -209,15 +215,18 @@ def table_history(table_uri: str, engine: str = "auto") -> list[tuple[int, str, 
     if resolve_engine(engine, table_uri) == "deltalake":
         from deltalake import DeltaTable
 
-        entries = [(entry["version"], entry["operation"], datetime.fromtimestamp(entry["timestamp"] / 1000, timezone.utc))
+        entries = [(entry["version"], entry["operation"],
+                    datetime.fromtimestamp(entry["timestamp"] / 1000, timezone.utc))
                    for entry in DeltaTable(table_uri).history()]
     else:
         from delta.tables import DeltaTable
 
         spark = spark_session()
-        delta = DeltaTable.forName(spark, table_uri) if is_table_name(table_uri) else DeltaTable.forPath(spark, table_uri)
-        entries = [(row.version, row.operation, row.timestamp.replace(tzinfo=timezone.utc) if row.timestamp.tzinfo is None
-                    else row.timestamp.astimezone(timezone.utc)) for row in delta.history().collect()]
+        by_name = is_table_name(table_uri)
+        delta = DeltaTable.forName(spark, table_uri) if by_name else DeltaTable.forPath(spark, table_uri)
+        history = delta.history().selectExpr("version", "operation", "unix_micros(timestamp) AS micros").collect()
+        entries = [(row.version, row.operation, datetime.fromtimestamp(row.micros / 1e6, timezone.utc))
+                   for row in history]
     return sorted(entries)
 
 

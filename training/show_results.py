@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+
 import pandas as pd
 
 from cxr_pipeline.training.results import ENGINES, auroc_table, latest_run, read_results, table_history

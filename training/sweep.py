@@ -13,9 +13,9 @@ on CPU one per 2 cores, each with OMP_NUM_THREADS = cores / parallel runs. A fai
 log and does not stop the others; the exit status is 0 only if every run succeeded and every stage has rows.
 
 Each run keeps its AUROC rows in RUN_DIR/auroc_rows.parquet (train.py --results-table none), as under
-jobs/train_distributor.py on Databricks; the sweep then writes them to --results-table in one commit, where a sweep's rows are those whose run_id starts with
-'SWEEP_ID-'. OUTPUT_DIR/SWEEP_ID/comparison.csv and comparison.html hold one row per model, size and stage,
-built from each run's own outputs: test mean AUROC with its 95% patient-level bootstrap CI (the result),
+jobs/train_distributor.py on Databricks; the sweep then writes them to --results-table in one commit, where a
+sweep's rows are those whose run_id starts with 'SWEEP_ID-'. OUTPUT_DIR/SWEEP_ID/comparison.csv and
+comparison.html hold one row per model, size and stage, built from each run's own outputs: test mean AUROC with its 95% patient-level bootstrap CI (the result),
 val mean AUROC (labelled val: it chose the best epoch and fitted the calibration), per-label test AUROC,
 training images/s (summary.csv) and the run's wall time.
 """

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="runs go to OUTPUT_DIR/RUN_ID (default outputs/runs)")
     data.add_argument("--results-table", default="outputs/results_delta",
                       help="Delta table of AUROC rows: a folder, or catalog.schema.table (delta-spark); 'none' keeps "
-                           "them only in RUN_DIR/auroc_rows.parquet, for a driver to publish (jobs/train_distributor.py)")
+                           "them only in RUN_DIR/auroc_rows.parquet, for a driver to publish "
+                           "(jobs/train_distributor.py)")
     data.add_argument("--predict-train", action="store_true",
                       help="also write each stage's best-model probabilities on the train split "
                            "(predictions_<stage>_train.csv), e.g. for the U-SelfTrained relabel step")
