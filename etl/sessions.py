@@ -16,16 +16,19 @@ DELTA_CONF = {"spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
               "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog"}
 
 
+def on_databricks() -> bool:
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
 def session_builder(app_name: str, master: str | None = None, delta: bool = False):
     from pyspark.sql import SparkSession
 
     # Python workers must run this interpreter (the venv's), not whatever `python3` is on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
-    on_databricks = "DATABRICKS_RUNTIME_VERSION" in os.environ
-    if not master and "PYSPARK_GATEWAY_PORT" not in os.environ and not on_databricks:
+    if not master and "PYSPARK_GATEWAY_PORT" not in os.environ and not on_databricks():
         master = "local[*]"
-    if delta and not on_databricks:
+    if delta and not on_databricks():
         builder = with_delta(builder)
         if master and master.startswith("local"):
             # Rebuilding a table's state runs spark.databricks.delta.snapshotPartitions tasks (50 by default,

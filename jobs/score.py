@@ -51,7 +51,8 @@ import pyarrow as pa
 from cxr_pipeline.etl.sessions import session_builder
 from cxr_pipeline.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
 from cxr_pipeline.training.label_files import DECISION_SUFFIX, ERROR_COLUMN
-from cxr_pipeline.training.results import ENGINES, is_table_name, quoted, resolve_engine
+from cxr_pipeline.training.results import (ENGINES, delta_table, is_table_name, quoted, read_with_spark,
+                                           resolve_engine, save_delta, table_exists)
 
 log = logging.getLogger("score")
 KEY = ("image_id", "model_uri")
@@ -278,13 +279,10 @@ def earlier_rows(spark, args, model_uri: str) -> pd.DataFrame:
             return pd.DataFrame({"image_id": [], ERROR_COLUMN: []})
         return dataset.to_table(filter=ds.field("model_uri") == model_uri,
                                 columns=["image_id", ERROR_COLUMN]).to_pandas()
-    from delta.tables import DeltaTable
-
-    by_name = is_table_name(args.table)
-    if not (spark.catalog.tableExists(args.table) if by_name else DeltaTable.isDeltaTable(spark, args.table)):
+    if not table_exists(spark, args.table):
         return pd.DataFrame({"image_id": [], ERROR_COLUMN: []})
-    table = spark.read.table(args.table) if by_name else spark.read.format("delta").load(args.table)
-    return table.filter(f"model_uri = {quoted(model_uri)}").select("image_id", ERROR_COLUMN).toPandas()
+    rows = read_with_spark(spark, args.table).filter(f"model_uri = {quoted(model_uri)}")
+    return rows.select("image_id", ERROR_COLUMN).toPandas()
 
 
 def write_deltalake_rows(table_uri: str, rows: pa.Table, model_uri: str, rescored: set[str]) -> None:
@@ -310,15 +308,10 @@ def write_deltalake_rows(table_uri: str, rows: pa.Table, model_uri: str, rescore
 
 def merge_spark(spark, scored, table_uri: str) -> None:
     """MERGE on (image_id, model_uri) through Delta on Spark (Databricks): by table name, or by path."""
-    from delta.tables import DeltaTable
-
-    by_name = is_table_name(table_uri)
-    if not (spark.catalog.tableExists(table_uri) if by_name else DeltaTable.isDeltaTable(spark, table_uri)):
-        writer = scored.write.format("delta").mode("errorifexists")
-        writer.saveAsTable(table_uri) if by_name else writer.save(table_uri)
+    if not table_exists(spark, table_uri):
+        save_delta(scored.write.format("delta").mode("errorifexists"), table_uri)
         return
-    table = DeltaTable.forName(spark, table_uri) if by_name else DeltaTable.forPath(spark, table_uri)
-    (table.alias("t").merge(scored.alias("s"), MERGE_PREDICATE)
+    (delta_table(spark, table_uri).alias("t").merge(scored.alias("s"), MERGE_PREDICATE)
      .whenMatchedUpdateAll(condition=RETRY_ERRORS).whenNotMatchedInsertAll().execute())
 
 

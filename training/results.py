@@ -14,7 +14,6 @@ Parquet): what a job's driver publishes when the training processes run where no
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 from datetime import datetime, timezone
@@ -23,6 +22,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cxr_pipeline.etl.sessions import on_databricks, session_builder
 
 RESULT_SCHEMA = pa.schema([
     ("run_id", pa.string()),
@@ -78,10 +79,6 @@ def is_table_name(table_uri: str) -> bool:
     return bool(TABLE_NAME.match(table_uri))
 
 
-def on_databricks() -> bool:
-    return "DATABRICKS_RUNTIME_VERSION" in os.environ
-
-
 def active_delta_session():
     """This process's Spark session if it has Delta's SQL extension (never imports Spark itself)."""
     if "pyspark" not in sys.modules:
@@ -106,8 +103,6 @@ def resolve_engine(engine: str, table_uri: str) -> str:
 
 def spark_session():
     """The active Delta-enabled session, else one started for the results (etl/sessions.py)."""
-    from cxr_pipeline.etl.sessions import session_builder
-
     return active_delta_session() or session_builder("cxr-results", delta=True).getOrCreate()
 
 
@@ -178,11 +173,22 @@ def write_with_spark(spark, table_uri: str, table: pa.Table, predicate: str) -> 
     frame = spark.createDataFrame([tuple(row.values()) for row in table.to_pylist()], schema=SPARK_SCHEMA)
     replaces = table_exists(spark, table_uri) and read_with_spark(spark, table_uri).where(predicate).limit(1).count()
     writer = frame.write.format("delta").option("mergeSchema", "true")
-    writer = writer.mode("overwrite").option("replaceWhere", predicate) if replaces else writer.mode("append")
+    save_delta(writer.mode("overwrite").option("replaceWhere", predicate) if replaces else writer.mode("append"),
+               table_uri)
+
+
+# Delta on Spark by catalog table name or by path: what the results writer and jobs/score.py share.
+def save_delta(writer, table_uri: str) -> None:
     if is_table_name(table_uri):
         writer.saveAsTable(table_uri)
     else:
         writer.save(table_uri)
+
+
+def delta_table(spark, table_uri: str):
+    from delta.tables import DeltaTable
+
+    return DeltaTable.forName(spark, table_uri) if is_table_name(table_uri) else DeltaTable.forPath(spark, table_uri)
 
 
 def table_exists(spark, table_uri: str) -> bool:
@@ -219,12 +225,8 @@ def table_history(table_uri: str, engine: str = "auto") -> list[tuple[int, str, 
                     datetime.fromtimestamp(entry["timestamp"] / 1000, timezone.utc))
                    for entry in DeltaTable(table_uri).history()]
     else:
-        from delta.tables import DeltaTable
-
-        spark = spark_session()
-        by_name = is_table_name(table_uri)
-        delta = DeltaTable.forName(spark, table_uri) if by_name else DeltaTable.forPath(spark, table_uri)
-        history = delta.history().selectExpr("version", "operation", "unix_micros(timestamp) AS micros").collect()
+        history = delta_table(spark_session(), table_uri).history()
+        history = history.selectExpr("version", "operation", "unix_micros(timestamp) AS micros").collect()
         entries = [(row.version, row.operation, datetime.fromtimestamp(row.micros / 1e6, timezone.utc))
                    for row in history]
     return sorted(entries)

@@ -15,9 +15,9 @@ log and does not stop the others; the exit status is 0 only if every run succeed
 Each run keeps its AUROC rows in RUN_DIR/auroc_rows.parquet (train.py --results-table none), as under
 jobs/train_distributor.py on Databricks; the sweep then writes them to --results-table in one commit, where a
 sweep's rows are those whose run_id starts with 'SWEEP_ID-'. OUTPUT_DIR/SWEEP_ID/comparison.csv and
-comparison.html hold one row per model, size and stage, built from each run's own outputs: test mean AUROC with its 95% patient-level bootstrap CI (the result),
-val mean AUROC (labelled val: it chose the best epoch and fitted the calibration), per-label test AUROC,
-training images/s (summary.csv) and the run's wall time.
+comparison.html hold one row per model, size and stage, built from each run's own outputs: test mean AUROC with
+its 95% patient-level bootstrap CI (the result), val mean AUROC (labelled val: it chose the best epoch and fitted
+the calibration), per-label test AUROC, training images/s (summary.csv) and the run's wall time.
 """
 from __future__ import annotations
 
@@ -254,14 +254,9 @@ def train_grid(cells: list[Cell], args, gpus: list[str], cores: int) -> dict[str
         return dict(pool.map(train, enumerate(cells, 1)))
 
 
-def run_rows(cell: Cell) -> pd.DataFrame:
-    """The AUROC rows a run kept in RUN_DIR/auroc_rows.parquet (empty if none)."""
-    return read_run_rows(cell.run_dir)
-
-
 def publish(cells: list[Cell], table_uri: str, engine: str) -> tuple[int, int]:
     """Write every run's rows to the shared table in one commit: (rows, runs with rows)."""
-    frames = [rows for rows in map(run_rows, cells) if not rows.empty]
+    frames = [rows for rows in (read_run_rows(cell.run_dir) for cell in cells) if not rows.empty]
     if not frames:
         return 0, 0
     write_results(table_uri, pd.concat(frames, ignore_index=True), engine)
@@ -302,7 +297,7 @@ def compare(cells: list[Cell], stages: list[str], outcomes: dict[str, Outcome], 
     """One row per model, size and stage, in grid order; test figures first, val labelled as val."""
     records = []
     for cell in cells:
-        rows, outcome = run_rows(cell), outcomes.get(cell.run_id)
+        rows, outcome = read_run_rows(cell.run_dir), outcomes.get(cell.run_id)
         for stage in stages:
             found = stage_rows(rows, stage)
             epochs, images_per_s = training_speed(cell.run_dir, stage)
