@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import read_dataset_spec
 from cxr_pipeline.training.data import SplitReader, prefetch
 from cxr_pipeline.training.inputs import InputTransform
@@ -30,7 +31,7 @@ def loader_batches(dataset: Path, batch_size: int, pin: bool):
     """(stored uint8 images, labels) of the train split on the CPU, pass after pass, as train.py reads them."""
     spec = read_dataset_spec(dataset)
     for epoch in itertools.count():
-        reader = SplitReader(dataset, "train", spec, batch_size, shuffle=True, seed=epoch, drop_last=True,
+        reader = SplitReader(dataset, "train", spec, batch_size, shuffle=True, seed=epoch, full_batches=True,
                              pin_memory=pin)
         with contextlib.closing(prefetch(reader)) as batches:
             for batch in batches:
@@ -61,6 +62,7 @@ def training_rate(model, precision: Precision, batches, steps: int, warmup: int,
 def measure(dataset: Path, model_name: str, batch_size: int, steps: int, warmup: int, amp: str,
             channels_last: bool, device: torch.device) -> dict:
     """{'device', 'loader', 'synthetic'}: images/s of the same training with each input."""
+    dataset = versions.resolve(dataset).path
     spec = read_dataset_spec(dataset)
     precision = Precision(amp, channels_last, device)
     rates = {}
@@ -95,7 +97,8 @@ def main(argv=None) -> dict | None:
         return None
     rates = measure(Path(args.dataset), args.model, args.batch_size, args.steps, args.warmup, args.amp,
                     args.channels_last, torch.device(args.device))
-    print(f"{args.model} at {read_dataset_spec(args.dataset).image_size} px on {rates['device']} (amp {args.amp}, "
+    size = read_dataset_spec(versions.resolve(args.dataset).path).image_size
+    print(f"{args.model} at {size} px on {rates['device']} (amp {args.amp}, "
           f"channels-last {args.channels_last}): loader {rates['loader']:.0f} img/s, synthetic "
           f"{rates['synthetic']:.0f} img/s, ratio {rates['loader'] / rates['synthetic']:.2f} (limit >= 0.9)")
     return rates

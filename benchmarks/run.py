@@ -38,6 +38,7 @@ import torch
 from benchmarks import gpu
 from benchmarks.decode import add_figures as add_decode_figures
 from benchmarks.nih_repeat import build
+from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.images import decode_resize, normalise
 from cxr_pipeline.schema import IMAGENET_MEAN, IMAGENET_STD, read_dataset_spec, split_dir
 
@@ -59,11 +60,11 @@ def spark_etl(data_root: Path, output: Path, size: int, *extra) -> dict:
     subprocess.run([str(BIN / "spark-submit"), "--master", "local[2]", "etl/preprocess.py", "--source", "nih",
                     "--data-root", str(data_root), "--output", str(output), "--size", str(size), "--overwrite",
                     *map(str, extra)], cwd=ROOT, env=env, check=True, capture_output=True)
-    return json.loads((output / "_etl_summary.json").read_text())
+    return json.loads((versions.resolve(output).path / "_etl_summary.json").read_text())
 
 
 def parquet_bytes(dataset: Path) -> int:
-    return sum(path.stat().st_size for path in dataset.glob("split=*/*.parquet"))
+    return sum(path.stat().st_size for path in versions.resolve(dataset).path.glob("split=*/*.parquet"))
 
 
 def arrow_pixels(column, spec) -> np.ndarray:
@@ -79,6 +80,7 @@ def loader_rates(dataset: Path, split: str = "train") -> tuple[float, float]:
     """(Petastorm rows/s, plain pyarrow rows/s), both ending in uint8 pixel and float32 label tensors."""
     from cxr_pipeline.training.data import SplitReader, prefetch
 
+    dataset = versions.resolve(dataset).path
     spec = read_dataset_spec(dataset)
     started = time.perf_counter()
     rows = sum(len(batch.image_ids) for batch in prefetch(SplitReader(dataset, split, spec, batch_size=32)))

@@ -2,6 +2,7 @@
 
     python -m benchmarks.scale [--sizes 2500,5000,20000] [--probe-rows 20000,112120,1000000]
                                [--ranks 2,4] [--work /tmp/cxr-bench-scale]
+    python -m benchmarks.scale --only probes [--probe-rows 112120,1000000]   # section 4's driver probes alone
 
 1. ETL: the real 1024 px NIH PNGs repeated to each of --sizes rows (benchmarks/nih_repeat.py, the full
    Data_Entry table's labels and patients), etl/preprocess.py to 512 px on local[2] with a Spark event
@@ -13,13 +14,15 @@
    holds the driver Python and the Python workers).
 2. Files: Parquet files, row groups, rows per row group and bytes per file per split (footers).
 3. Loader: one pass of split=train of the largest dataset with 2 and with 4 ranks (one process each,
-   started together), batch 32, drop_last and shuffle as training: rows, row groups and full batches
-   per rank, the steps training takes (the fewest full batches: ranks stop together) and the rows each
-   rank leaves unread then, rows/s.
+   started together), batch 32, shuffled and padded to full batches as training reads it: rows, files and
+   full batches per rank, the train rows no rank read and the rows read more than once (the multiset of
+   image ids all ranks yielded), rows/s.
 4. Driver-only probes, no pixels decoded, at --probe-rows: the NIH manifest (os.walk of a folder of
-   symlinks, the label parsing, the path checks), splits, the patient check, the manifest into the
-   driver JVM (createDataFrame) and its shuffle by patient (a no-op write); footer reads of a dataset
-   of as many files as the ETL would write (hard links to one real file: page cache, no network).
+   symlinks, the label parsing, the path checks), splits, the patient check, the manifest into Spark as
+   the ETL moves it (written to Parquet by the driver, read by Spark) and its shuffle by patient (a no-op
+   write), the driver's Python and JVM heap peaks; footer reads of a dataset of as many files as the ETL
+   would write (hard links to one real file: page cache, no network). `--only probes` runs these probes
+   and nothing else (no ETL, loader or footer reads; table in WORK/scale_probes.json).
 5. Growth: the log-log slope of each step's seconds (CPU seconds where measured) and of peak memory
    between the two largest sizes measured, flagged above 1.15; the ETL's CPU seconds extrapolated to
    the probe sizes (fixed cost plus the marginal cost of the two largest sizes; a power law where the
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import collections
 import datetime
 import json
 import math
@@ -49,6 +53,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from benchmarks.nih_repeat import build
+from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import SPLITS, read_dataset_spec, split_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +84,6 @@ MEMORY_LABELS = {
     "ProcessTreeRSS": "JVM + Python RSS at one sample",
     "ProcessTreeOtherRSSMemory": "'other' RSS (JVM forks, see code)",
 }
-ARROW_LOCAL_RELATION_MB = 48  # spark.sql.execution.arrow.localRelationThreshold: above it, one partition per batch
 
 
 def progress(message: str) -> None:
@@ -264,7 +268,7 @@ def spark_etl(data_root: Path, output: Path, work: Path, rows: int) -> dict:
     if returncode:
         return {"rows": rows, "wall": wall, "cpu": cpu, "load": sampler.mean_load, "error": failure(log, events),
                 "log": str(log), "executor_peak_mb": executor_peaks(events)}
-    summary = json.loads((output / "_etl_summary.json").read_text())
+    summary = json.loads((versions.resolve(output).path / "_etl_summary.json").read_text())
     seconds = summary["seconds"]
     stage_cpu = {stage: sampler.cpu_between(*window) for stage, window in stage_windows(log, seconds).items()}
     return {"rows": rows, "rows_written": summary["rows_written"], "wall": wall, "cpu": cpu, "stage_cpu": stage_cpu,
@@ -309,26 +313,26 @@ def rank_pass(dataset: str, rank: int, world: int, barrier, results) -> None:
     torch.set_num_threads(1)
 
     class CountingReader(SplitReader):  # counts the row groups Petastorm hands this rank
-        groups = rows = 0
+        groups = 0
 
         def _row_groups(self):
             for group in super()._row_groups():
                 self.groups += 1
-                self.rows += len(group["labels"])
                 yield group
 
     spec = read_dataset_spec(dataset)
-    reader = CountingReader(dataset, "train", spec, BATCH, rank, world, shuffle=True, seed=0, drop_last=True)
+    reader = CountingReader(dataset, "train", spec, BATCH, rank, world, shuffle=True, seed=0, full_batches=True)
     barrier.wait()
     started = time.time()
-    first_batch, batches = None, 0
-    for _ in prefetch(reader):
+    first_batch, batches, image_ids = None, 0, []
+    for batch in prefetch(reader):
         first_batch = first_batch if first_batch is not None else time.time() - started
         batches += 1
+        image_ids += batch.image_ids
     ended = time.time()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    results.put({"cpu": usage.ru_utime + usage.ru_stime, "rank": rank, "rows": reader.rows,
-                 "row_groups": reader.groups, "full_batches": batches,
+    results.put({"cpu": usage.ru_utime + usage.ru_stime, "rank": rank, "rows": len(image_ids), "image_ids": image_ids,
+                 "files": len(reader.shard.files), "row_groups": reader.groups, "full_batches": batches,
                  "started": started, "ended": ended, "first_batch_s": first_batch or 0.0,
                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
 
@@ -344,17 +348,24 @@ def loader_pass(dataset: Path, world: int) -> dict:
         ranks = sorted((results.get(timeout=1200) for _ in workers), key=lambda r: r["rank"])
         for worker in workers:
             worker.join()
-    steps = min(r["full_batches"] for r in ranks)  # train_one_epoch: all ranks stop when the first runs out
+    steps = min(r["full_batches"] for r in ranks)  # train_one_epoch stops all ranks at the same step
     start = min(r["started"] for r in ranks)
+    seen = collections.Counter(i for r in ranks for i in r.pop("image_ids")[:steps * BATCH])
+    train_rows = layout_rows(dataset)
     for r in ranks:
         r["seconds"] = r["ended"] - r["started"]
         r["rows_per_s"] = r["rows"] / r["seconds"]
-        r["unread_at_stop"] = r["rows"] - steps * BATCH
         r["finished_after_s"] = r["ended"] - start
     wall = max(r["ended"] for r in ranks) - start
     return {"world": world, "steps": steps, "ranks": ranks, "wall": wall, "load": sampler.mean_load,
-            "rows_per_s": sum(r["rows"] for r in ranks) / wall,
-            "unread_at_stop": sum(r["unread_at_stop"] for r in ranks)}
+            "rows_per_s": sum(r["rows"] for r in ranks) / wall, "train_rows": train_rows,
+            "unread": train_rows - len(seen), "repeated": sum(seen.values()) - len(seen)}
+
+
+def layout_rows(dataset: Path) -> int:
+    from cxr_pipeline.training.data import split_row_count
+
+    return split_row_count(dataset, "train")
 
 
 # ---------------------------------------------------------------- 4. driver-only probes
@@ -382,7 +393,9 @@ class Stopwatch:
         return value
 
 
-SPARK_STEPS = ("spark_start", "create_dataframe", "shuffle_by_patient")  # their CPU is mostly the JVM's
+SPARK_STEPS = ("spark_start", "manifest_to_spark", "shuffle_by_patient")  # CPU of the process tree (JVM included)
+# what the ETL driver runs, in order (the pieces timed before `manifest` are parts of it, timed alone)
+DRIVER_STEPS = ("manifest", "splits", "patient_check", "manifest_to_spark", "shuffle_by_patient")
 
 
 def driver_probe(data_root: str, rows: int, events: str, log: str, results) -> None:
@@ -406,7 +419,6 @@ def driver_probe(data_root: str, rows: int, events: str, log: str, results) -> N
 
 def driver_probe_steps(root: Path, events: str, clock: Stopwatch, out: dict) -> None:
     import pandas as pd
-    import pyarrow as pa
 
     from cxr_pipeline.etl import preprocess
     from cxr_pipeline.etl.images import choose_decoder
@@ -416,18 +428,22 @@ def driver_probe_steps(root: Path, events: str, clock: Stopwatch, out: dict) -> 
     from cxr_pipeline.etl.splits import assign_splits, check_patient_disjoint, parse_fractions
     from cxr_pipeline.etl.uncertainty import spec_label_fields
 
-    # the pieces of build_manifest that loop in Python per row, timed on their own first
+    # the pieces of build_manifest that loop in Python per row, timed on their own first (their results are
+    # dropped before the manifest is built: the probe's peak memory is the ETL driver's)
     clock("index_images", index_images, root, (".png",))
-    table = clock("read_csv", pd.read_csv, root / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+    table = clock("read_csv", pd.read_csv, root / "Data_Entry_2017.csv", dtype=str, keep_default_na=False,
+                  usecols=lambda column: column in nih.LABEL_TABLE_COLUMNS)
     clock("parse_labels", nih.parse_labels, table["Finding Labels"])
     clock("path_checks", nih.escapes_root, root, table["Image Index"])
+    del table
     manifest = clock("manifest", nih.build_manifest, root)
     frame = manifest.rows
     frame["split"] = clock("splits", assign_splits, frame["patient_id"], 0, parse_fractions("0.7,0.1,0.2"))
     clock("patient_check", check_patient_disjoint, frame["patient_id"], frame["split"])
     out["manifest_rows"] = len(frame)
     out["python_after_manifest_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    # the start of write_parquet: the manifest into the driver JVM, shuffled by patient (no decode, no write)
+    # the start of write_parquet: the manifest written to Parquet by the driver and read by Spark, shuffled by
+    # patient (no decode, no write)
     os.environ["PYSPARK_SUBMIT_ARGS"] = " ".join(
         [f"--conf {key}={value}" for key, value in {**EVENT_CONF, "spark.eventLog.dir": events}.items()]
         + ["pyspark-shell"])
@@ -437,13 +453,22 @@ def driver_probe_steps(root: Path, events: str, clock: Stopwatch, out: dict) -> 
                            decoder=choose_decoder())
         schema = preprocess.output_schema(spec)
         names = [field.name for field in schema.fields if field.name in set(metadata_columns(spec)) | {"split"}]
-        out["manifest_arrow_mb"] = pa.Table.from_pandas(frame[names], preserve_index=False).nbytes / 2**20
-        dataframe = clock("create_dataframe", spark.createDataFrame, frame[names],
-                          schema=preprocess._input_struct(schema, names))
-        partitions = max(2 * spark.sparkContext.defaultParallelism, -(-len(frame) // ROWS_PER_FILE))
-        out["partitions"] = partitions
-        clock("shuffle_by_patient",
-              lambda: dataframe.repartition(partitions, "patient_id").write.format("noop").mode("overwrite").save())
+        struct = preprocess._input_struct(schema, names)
+        manifest_path = preprocess.manifest_file(Path(events).with_name(f"{Path(events).name}.staging"))
+
+        def manifest_to_spark():
+            preprocess.write_manifest(frame, struct, manifest_path)
+            return spark.read.schema(struct).parquet(str(manifest_path))
+
+        try:
+            dataframe = clock("manifest_to_spark", manifest_to_spark)
+            out["manifest_parquet_mb"] = manifest_path.stat().st_size / 2**20
+            partitions = max(2 * spark.sparkContext.defaultParallelism, -(-len(frame) // ROWS_PER_FILE))
+            out["partitions"] = partitions
+            clock("shuffle_by_patient",
+                  lambda: dataframe.repartition(partitions, "patient_id").write.format("noop").mode("overwrite").save())
+        finally:
+            manifest_path.unlink(missing_ok=True)
         spark.stop()
     except Exception as exc:  # a driver that runs out of memory here is a finding, not a crash of the benchmark
         out["spark_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -455,6 +480,7 @@ def run_driver_probe(data_root: Path, rows: int, work: Path) -> dict:
     results = context.Queue()
     os.environ.update(spark_env())
     log = work / "logs" / f"probe_{rows}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)  # made by the ETL runs, absent with --only probes
     worker = context.Process(target=driver_probe, args=(str(data_root), rows, str(events), str(log), results))
     worker.start()
     try:
@@ -494,7 +520,7 @@ def footer_probe(template: Path, files: dict, work: Path, world: int) -> dict:
     spec = clock("read_dataset_spec", read_dataset_spec, dataset)
     clock("split_row_count", lambda: [split_row_count(dataset, split) for split in SPLITS])
     clock("written_rows", written_rows, dataset)
-    reader = SplitReader(dataset, "train", spec, BATCH, 0, world, drop_last=True)
+    reader = SplitReader(dataset, "train", spec, BATCH, 0, world, full_batches=True)
     clock("petastorm_first_batch", lambda: next(iter(reader)))
     shutil.rmtree(dataset)
     return {"files": sum(files.values()), "train_files": files["train"], "seconds": clock.seconds, "cpu": clock.cpu}
@@ -537,13 +563,84 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     print()
 
 
+def probe_rows(result: dict) -> list[tuple[str, dict, dict]]:
+    """The driver probes' rows of the scaling table: (name, {rows: value}, options of report's add())."""
+    probe_by = {probe["rows"]: probe for probe in result["probes"]}
+    measure = "cpu" if all("cpu" in probe for probe in probe_by.values()) else "seconds"
+    unit = ", CPU s" if measure == "cpu" else ""
+
+    def total(probe):
+        return sum(probe[measure][step] for step in DRIVER_STEPS) if set(DRIVER_STEPS) <= set(probe[measure]) else None
+
+    rows = [(f"probe {piece}{unit}", {n: probe[measure].get(piece) for n, probe in probe_by.items()}, {})
+            for piece in ("index_images", "read_csv", "parse_labels", "path_checks", "spark_start") + DRIVER_STEPS]
+    rows += [
+        (f"probe driver total ({' + '.join(DRIVER_STEPS)}){unit}", {n: total(p) for n, p in probe_by.items()}, {}),
+        ("probe shuffle_by_patient, wall s", {n: p["seconds"].get("shuffle_by_patient") for n, p in probe_by.items()},
+         {"flag": False}),
+        ("probe manifest as Parquet MB", {n: p.get("manifest_parquet_mb") for n, p in probe_by.items()},
+         {"seconds": False}),
+    ]
+    for index, name in ((0, "manifest read + shuffle write"), (-1, "shuffle by patient")):
+        stages = {n: p["stages"][index] for n, p in probe_by.items() if p.get("stages")}
+        rows += [(f"probe Spark stage: {name}, wall s", {n: stage["seconds"] for n, stage in stages.items()},
+                  {"flag": False}),
+                 ("  tasks of that stage", {n: stage["tasks"] for n, stage in stages.items()},
+                  {"digits": 0, "seconds": False, "flag": False})]
+    rows += [("probe driver Python peak MB", {n: p["python_peak_mb"] for n, p in probe_by.items()},
+              {"digits": 0, "seconds": False}),
+             ("probe driver JVMHeapMemory peak MB",
+              {n: p.get("jvm_peak_mb", {}).get("JVMHeapMemory") for n, p in probe_by.items()},
+              {"digits": 0, "seconds": False})]
+    return rows
+
+
+def probe_notes(result: dict) -> None:
+    """The manifest's size on its way into Spark, the driver's peaks against its 1 GiB budgets, Spark failures."""
+    from cxr_pipeline.etl.preprocess import MANIFEST_ROW_GROUP_ROWS
+
+    probe_by = {probe["rows"]: probe for probe in sorted(result["probes"], key=lambda probe: probe["rows"])}
+    parquet = [(n, p["manifest_parquet_mb"]) for n, p in probe_by.items() if p.get("manifest_parquet_mb")]
+    if parquet:
+        n, mb = parquet[-1]
+        print(f"manifest as Parquet: {1e6 * mb / n:.0f} MB per million rows, written by the driver in row groups of "
+              f"{MANIFEST_ROW_GROUP_ROWS:,} rows (one row group's Arrow copy in driver memory at a time) and read by "
+              "Spark's tasks (etl/preprocess.py write_parquet)")
+    for n, p in probe_by.items():
+        if "spark_error" in p:
+            print(f"probe at {n:,} rows: the manifest into Spark failed: {p['spark_error']}")
+        else:
+            print(f"probe at {n:,} rows: driver Python peak {p['python_peak_mb']:,} MB (after the manifest "
+                  f"{p.get('python_after_manifest_mb', 0):,} MB), JVM heap peak "
+                  f"{fmt(p.get('jvm_peak_mb', {}).get('JVMHeapMemory'), 0)} MB; budget 1,024 MB each")
+
+
+def report_probes(result: dict) -> None:
+    """--only probes: the driver probes' table alone (no ETL, loader or footer reads were run)."""
+    probes = sorted(probe["rows"] for probe in result["probes"])
+    table, flagged = [], []
+    for name, measured, options in probe_rows(result):
+        k = slope([(n, v) for n, v in measured.items() if v is not None])
+        noise = options.get("seconds", True) and max((v or 0) for v in measured.values()) < FLAG_FROM_SECONDS
+        mark = "YES" if options.get("flag", True) and k is not None and k > SUPERLINEAR and not noise else ""
+        flagged += [name] if mark else []
+        table.append([name] + [fmt(measured.get(n), options.get("digits", 1)) for n in probes] + [fmt(k, 2), mark])
+    print(f"Driver-only probes (slope = log-log growth between the two largest sizes; CPU seconds of this process, "
+          f"of the process tree with the JVM for {', '.join(SPARK_STEPS)})")
+    print_table(["step (seconds unless named)"] + [f"{n:,}" for n in probes] + ["slope", f"> {SUPERLINEAR}"], table)
+    probe_notes(result)
+    print(f"Grows faster than linearly (slope > {SUPERLINEAR}): {', '.join(flagged) if flagged else 'nothing'}")
+
+
 def report(result: dict) -> None:
+    if not result["etl"]:  # --only probes
+        report_probes(result)
+        return
     sizes = [etl["rows"] for etl in result["etl"]]
     probes = [probe["rows"] for probe in result["probes"]]
     columns = sorted(set(sizes) | set(probes))
     header = ["step (seconds unless named)"] + [f"{n:,}" for n in columns] + ["slope", "> 1.15"]
     etl_by = {etl["rows"]: etl for etl in result["etl"]}
-    probe_by = {probe["rows"]: probe for probe in result["probes"]}
     table, flagged = [], []
 
     def add(name, measured: dict, predict: bool = False, digits: int = 1, seconds: bool = True, flag: bool = True):
@@ -589,24 +686,8 @@ def report(result: dict) -> None:
     for metric, label in MEMORY_LABELS.items():
         add(f"ETL {label}, peak MB", {n: etl_by[n]["executor_peak_mb"].get(metric) for n in sizes}, digits=0,
             seconds=False)
-    for piece in ("index_images", "read_csv", "parse_labels", "path_checks", "manifest", "splits", "patient_check",
-                  "create_dataframe", "shuffle_by_patient"):
-        if all("cpu" in probe_by[n] for n in probes):
-            add(f"probe {piece}, CPU s", {n: probe_by[n]["cpu"].get(piece) for n in probes})
-        else:
-            add(f"probe {piece}", {n: probe_by[n]["seconds"].get(piece) for n in probes})
-    add("probe shuffle_by_patient, wall s", {n: probe_by[n]["seconds"].get("shuffle_by_patient") for n in probes},
-        flag=False)
-    add("probe manifest as Arrow MB", {n: probe_by[n].get("manifest_arrow_mb") for n in probes}, seconds=False)
-    for index, name in ((0, "manifest into partitions (tasks)"), (-1, "shuffle by patient (tasks)")):
-        add(f"probe Spark stage: {name}, wall s", {n: probe_by[n]["stages"][index]["seconds"] for n in probes
-                                                   if probe_by[n].get("stages")}, flag=False)
-        table.append(["  tasks of that stage"] + [str(probe_by[n]["stages"][index]["tasks"])
-                                                  if n in probe_by and probe_by[n].get("stages") else ""
-                                                  for n in columns] + ["", ""])
-    add("probe driver Python peak MB", {n: probe_by[n]["python_peak_mb"] for n in probes}, digits=0, seconds=False)
-    add("probe driver JVMHeapMemory peak MB",
-        {n: probe_by[n].get("jvm_peak_mb", {}).get("JVMHeapMemory") for n in probes}, digits=0, seconds=False)
+    for name, measured, options in probe_rows(result):
+        add(name, measured, **options)
     footers = {f["rows"]: f for f in result["footers"]}
     add("files written (all splits)", {n: f["files"] for n, f in footers.items()}, digits=0, seconds=False)
     for piece in ("split_row_count", "written_rows", "petastorm_first_batch"):
@@ -639,17 +720,8 @@ def report(result: dict) -> None:
         print(f"whole ETL job, marginal CPU: {1000 * per_image_cpu:.1f} ms per image (all processes; "
               f"{1 / per_image_cpu:.1f} img/s per core when the job has the core to itself); "
               f"{', '.join(f'{n:,} images = {n * per_image_cpu / 3600:.1f} CPU-hours' for n in (112_120, 1_000_000))}")
-    arrow = [(n, probe_by[n]["manifest_arrow_mb"]) for n in probes if probe_by[n].get("manifest_arrow_mb")]
-    if arrow:
-        per_row = arrow[-1][1] / arrow[-1][0]
-        print(f"manifest as Arrow: {1e6 * per_row:.0f} MB per million rows; above "
-              f"{ARROW_LOCAL_RELATION_MB} MB (about {ARROW_LOCAL_RELATION_MB / per_row:,.0f} rows) createDataFrame "
-              "makes one partition per 64-row Arrow batch (spark.sql.execution.arrow.maxRecordsPerBatch=64) instead "
-              "of a local relation")
+    probe_notes(result)
     print()
-    errors = {n: probe["spark_error"] for n, probe in probe_by.items() if "spark_error" in probe}
-    for n, error in errors.items():
-        print(f"probe at {n:,} rows: the manifest into Spark failed: {error}")
 
     largest = max(sizes)
     print(f"Parquet layout of the {largest:,}-row dataset (from the footers)")
@@ -660,32 +732,29 @@ def report(result: dict) -> None:
                   "/".join(fmt(v["mb_per_file"].get(k)) for k in ("min", "median", "max"))]
                  for split, v in layout.items()])
 
-    print(f"Loader: one pass of split=train ({largest:,}-row dataset), batch {BATCH}, drop_last, one process "
-          "per rank")
+    print(f"Loader: one pass of split=train ({largest:,}-row dataset), batch {BATCH}, shuffled and padded to full "
+          "batches as training reads it, one process per rank")
     rows = []
     for run in result["loader"]:
         for r in run["ranks"]:
-            rows.append([f"{run['world']} ranks", r["rank"], f"{r['rows']:,}", r["row_groups"], r["full_batches"],
-                         run["steps"], r["unread_at_stop"], fmt(r["first_batch_s"], 2), fmt(r["seconds"]),
-                         fmt(r["rows_per_s"], 0), fmt(r["rows"] / r["cpu"], 0) if r.get("cpu") else "-",
-                         r["peak_rss_mb"]])
+            rows.append([f"{run['world']} ranks", r["rank"], f"{r['rows']:,}", r["files"], r["row_groups"],
+                         r["full_batches"], fmt(r["first_batch_s"], 2), fmt(r["seconds"]), fmt(r["rows_per_s"], 0),
+                         fmt(r["rows"] / r["cpu"], 0) if r.get("cpu") else "-", r["peak_rss_mb"]])
         rows.append([f"{run['world']} ranks", "all", f"{sum(r['rows'] for r in run['ranks']):,}",
-                     sum(r["row_groups"] for r in run["ranks"]), sum(r["full_batches"] for r in run["ranks"]),
-                     run["steps"], run["unread_at_stop"], "", fmt(run["wall"]), fmt(run["rows_per_s"], 0),
+                     sum(r["files"] for r in run["ranks"]), sum(r["row_groups"] for r in run["ranks"]),
+                     sum(r["full_batches"] for r in run["ranks"]), "", fmt(run["wall"]), fmt(run["rows_per_s"], 0),
                      fmt(sum(r["rows"] for r in run["ranks"]) / sum(r["cpu"] for r in run["ranks"]), 0)
                      if run["ranks"][0].get("cpu") else "-", ""])
-    print_table(["run", "rank", "rows", "row groups", "full batches", "steps (min)", "rows unread at stop",
-                 "1st batch s", "pass s", "rows/s", "rows/CPU-s", "peak RSS MB"], rows)
+    print_table(["run", "rank", "rows", "files", "row groups", "full batches", "1st batch s", "pass s", "rows/s",
+                 "rows/CPU-s", "peak RSS MB"], rows)
 
     for run in result["loader"]:
         rows_per_rank = [r["rows"] for r in run["ranks"]]
-        groups = [r["row_groups"] for r in run["ranks"]]
-        print(f"{run['world']} ranks: {run['steps']} steps; rows per rank {min(rows_per_rank)}-{max(rows_per_rank)}, "
-              f"row groups per rank {min(groups)}-{max(groups)} (Petastorm gives rank r the row groups whose index "
-              f"is r mod {run['world']}, whole, of {layout['train']['rows_per_row_group']['min']}-"
-              f"{layout['train']['rows_per_row_group']['max']} rows); {run['unread_at_stop']} rows "
-              f"({100 * run['unread_at_stop'] / sum(rows_per_rank):.1f}%) unread when the first rank runs out"
-              + (f"; load average {run['load']:.1f} during the pass" if run.get("load") else ""))
+        print(f"{run['world']} ranks: {run['steps']} steps on every rank; rows per rank "
+              f"{min(rows_per_rank)}-{max(rows_per_rank)} (train's row groups hold "
+              f"{layout['train']['rows_per_row_group']['min']}-{layout['train']['rows_per_row_group']['max']} rows); "
+              f"of {run['train_rows']:,} train rows {run['unread']} unread, {run['repeated']} read twice to fill "
+              "the last batches" + (f"; load average {run['load']:.1f} during the pass" if run.get("load") else ""))
     print()
     print(f"Grows faster than linearly (slope > {SUPERLINEAR}): {', '.join(flagged) if flagged else 'nothing'}")
     print(f"Total wall time of this benchmark: {result['total_seconds'] / 60:.1f} min "
@@ -704,14 +773,18 @@ def main(argv=None) -> None:
     parser.add_argument("--ranks", default="2,4", help="loader world sizes (default 2,4)")
     parser.add_argument("--work", default="/tmp/cxr-bench-scale", help="scratch folder (default /tmp/cxr-bench-scale)")
     parser.add_argument("--print-only", action="store_true", help="print the table of WORK/scale.json again")
+    parser.add_argument("--only", choices=("probes",),
+                        help="probes: only the driver-only probes at --probe-rows (section 4, no ETL, loader or "
+                             "footer reads; WORK/scale_probes.json)")
     args = parser.parse_args(argv)
+    saved = Path(args.work) / ("scale_probes.json" if args.only else "scale.json")
     if args.print_only:
-        report(json.loads((Path(args.work) / "scale.json").read_text(), object_hook=_int_keys))
+        report(json.loads(saved.read_text(), object_hook=_int_keys))
         return
     if not (NIH / "images").exists() or not (NIH / "Data_Entry_2017_v2020.csv.gz").exists():
         raise SystemExit(f"real NIH images or Data_Entry_2017_v2020.csv.gz not found in {NIH}; "
                          "set CXR_SHARED_DATA to the shared/data folder")
-    sizes = sorted(int(n) for n in args.sizes.split(","))
+    sizes = [] if args.only == "probes" else sorted(int(n) for n in args.sizes.split(","))
     probe_rows = sorted(int(n) for n in args.probe_rows.split(","))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -728,22 +801,22 @@ def main(argv=None) -> None:
         if "error" in etl:
             raise SystemExit(f"the ETL of {rows} rows failed: {etl['error']}; its log: {etl['log']}")
         result["etl"].append(etl)
-        result["layout"][rows] = file_layout(work / f"nih_{rows}_{SIZE}")
+        result["layout"][rows] = file_layout(versions.resolve(work / f"nih_{rows}_{SIZE}").path)
         progress(f"  {etl['wall']:.0f} s wall, decode+write {etl['seconds']['decode_write']:.1f} s "
                  f"({rows / etl['seconds']['decode_write']:.1f} img/s), stages {fmt_seconds(etl['seconds'])}, "
                  f"driver Python {etl['driver_python_peak_mb']:.0f} MB, JVM {etl['executor_peak_mb']}")
         if rows != sizes[-1]:  # only the largest is read again (loader, footer template)
             shutil.rmtree(work / f"nih_{rows}_{SIZE}")
 
-    dataset = work / f"nih_{sizes[-1]}_{SIZE}"
-    for world in (int(n) for n in args.ranks.split(",")):
+    dataset = versions.resolve(work / f"nih_{sizes[-1]}_{SIZE}").path if sizes else None
+    for world in (int(n) for n in args.ranks.split(",")) if sizes else ():
         progress(f"loader: one pass of split=train with {world} ranks...")
         run = loader_pass(dataset, world)
         result["loader"].append(run)
         progress(f"  steps {run['steps']}, rows/s {run['rows_per_s']:.0f}, rows per rank "
                  f"{[r['rows'] for r in run['ranks']]}, row groups {[r['row_groups'] for r in run['ranks']]}")
 
-    layout = result["layout"][sizes[-1]]
+    layout = result["layout"][sizes[-1]] if sizes else None
     for rows in probe_rows:
         root = work / f"nih_{rows}"
         if not (root / "Data_Entry_2017.csv").exists() or rows not in sizes:
@@ -754,20 +827,21 @@ def main(argv=None) -> None:
         result["probes"].append(probe)
         progress(f"  {fmt_seconds(probe['seconds'])}, driver Python peak {probe['python_peak_mb']} MB"
                  + (f", Spark failed: {probe['spark_error']}" if "spark_error" in probe else ""))
-        files = files_written(rows, layout, sizes[-1])
-        progress(f"footer probe: {sum(files.values()):,} files ({files})...")
-        footers = footer_probe(dataset, files, work, max(int(n) for n in args.ranks.split(",")))
-        result["footers"].append({"rows": rows, **footers})
-        progress(f"  {fmt_seconds(footers['seconds'])}")
+        if sizes:  # the footer probe copies a file of the largest ETL dataset
+            files = files_written(rows, layout, sizes[-1])
+            progress(f"footer probe: {sum(files.values()):,} files ({files})...")
+            footers = footer_probe(dataset, files, work, max(int(n) for n in args.ranks.split(",")))
+            result["footers"].append({"rows": rows, **footers})
+            progress(f"  {fmt_seconds(footers['seconds'])}")
         if rows not in sizes:
             shutil.rmtree(root)  # up to a million symlinks: not kept
 
     result["total_seconds"] = time.perf_counter() - started
     result["load_average_15min"] = os.getloadavg()[2]
-    (work / "scale.json").write_text(json.dumps(result, indent=2, default=str))
+    saved.write_text(json.dumps(result, indent=2, default=str))
     print()
     report(result)
-    print(f"(JSON: {work / 'scale.json'})")
+    print(f"(JSON: {saved})")
 
 
 def _int_keys(mapping: dict) -> dict:

@@ -12,33 +12,34 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import FOLD_COLUMN, read_dataset_spec, split_dir
 
 TRAIN_VAL = ("train", "val")
 
 
 def write_fold(dataset: str | Path, fold: int, output: str | Path, overwrite: bool = False) -> dict:
-    """Write `output` (appears in one rename when complete); returns rows per split."""
-    dataset, output = Path(dataset).resolve(), Path(output).resolve()
+    """Write a new version of `output` (current once complete, etl/versions.py); returns rows per split."""
+    read, output = versions.resolve(dataset), Path(output).resolve()
+    dataset = read.path
     spec = read_dataset_spec(dataset)
     if not spec.folds:
         raise ValueError(f"{dataset} has no folds: run the ETL with --folds K first")
     if not 0 <= fold < spec.folds:
         raise ValueError(f"--fold must be in 0..{spec.folds - 1} for {dataset}, got {fold}")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    staging = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if versions.has_data(output) and not overwrite:
+        raise FileExistsError(f"{output} holds a dataset; pass --overwrite to write a new version of it")
+    version, staging = versions.new_version(output)
     rows = {"train": 0, "val": 0, "test": 0}
     try:
         staging.mkdir()
         for entry in sorted(dataset.iterdir()):
-            if entry.name in {f"split={split}" for split in TRAIN_VAL}:
+            if entry.name in {f"split={split}" for split in TRAIN_VAL} | {versions.VERSION_FILE}:
                 continue
             copy = shutil.copytree if entry.is_dir() else shutil.copy2  # test split, quarantine, summary
             copy(entry, staging / entry.name)
@@ -57,11 +58,11 @@ def write_fold(dataset: str | Path, fold: int, output: str | Path, overwrite: bo
                         pq.write_table(rows_of_split, split_dir(staging, split) / f"{origin}-{file.name}",
                                        row_group_size=group_rows, compression="snappy")
                         rows[split] += rows_of_split.num_rows
-        summary = {"dataset": str(dataset), "fold": fold, "folds": spec.folds, "rows": rows}
+        summary = {"dataset": str(dataset), "dataset_version": read.version, "fold": fold, "folds": spec.folds,
+                   "rows": rows}
         (staging / "_fold.json").write_text(json.dumps(summary, indent=2))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        versions.commit(output, version, {"created": versions.now_utc().isoformat(), "derived_from": summary,
+                                          "rows_written": rows})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -72,8 +73,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="dataset folder written by etl/preprocess.py --folds K")
     parser.add_argument("--fold", type=int, required=True, help="the fold to hold out as split=val (0..K-1)")
-    parser.add_argument("--output", required=True, help="dataset folder to create")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--output", required=True, help="dataset root: the fold becomes its current version")
+    parser.add_argument("--overwrite", action="store_true", help="--output holds a dataset: add a new version")
     args = parser.parse_args(argv)
     try:
         summary = write_fold(args.dataset, args.fold, args.output, args.overwrite)

@@ -5,10 +5,12 @@
 The driver builds a manifest (labels joined to file paths, no pixels), assigns splits by
 patient and rejects rows it can already judge (missing file, unknown label...). Executors
 then decode, convert to grey 8-bit and resize in `mapInPandas`. Rows that fail to decode
-are quarantined, not dropped: `OUTPUT/_quarantine/rejects.parquet` lists every row not
-written with its reason, and `OUTPUT/_etl_summary.json` reconciles the counts
-(rows read = rows written + rows quarantined). The output appears atomically: it is written
-beside OUTPUT and renamed into place only when complete.
+are quarantined, not dropped: `_quarantine/rejects.parquet` lists every row not
+written with its reason, and `_etl_summary.json` reconciles the counts
+(rows read = rows written + rows quarantined). Each run writes a new immutable version of
+OUTPUT (`OUTPUT/_versions/ID`, etl/versions.py) and makes it current in one step only when
+complete; training runs that read an older version keep it, and versions no run may still
+read are pruned after --keep-days.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import logging
 import resource
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxr_pipeline.config import dump_config, parse_args
+from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.hold_points import hold_at
 from cxr_pipeline.etl.images import DecoderChoiceError, ImageError, choose_decoder, decode_resize, normalise
 from cxr_pipeline.etl.mean_image import compute_mean_image, write_mean_image
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subset-targets",
                         help="balanced subset: images per class, e.g. '2000,No Finding=10000' (etl/subsets.py); "
                              "other images are left out before decoding")
-    parser.add_argument("--output", help="dataset folder to create (Parquet, partitioned by split)")
+    parser.add_argument("--output", help="dataset root: each run adds a version under it (Parquet, partitioned by "
+                                         "split) and makes it current; training reads the current one")
     parser.add_argument("--size", type=int, default=512,
                         help=f"square output size in pixels; the reports used {SIZES} (default 512)")
     parser.add_argument("--dtype", choices=PIXEL_DTYPES, default="uint8",
@@ -86,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-bad-fraction", type=float, default=0.05,
                         help="fail the job when more than this fraction of rows is quarantined "
                              "(default 0.05; the output is still written for inspection)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--output holds a dataset: write a new version and make it current (runs reading "
+                             "the old one keep it)")
+    parser.add_argument("--keep-days", type=float, default=versions.DEFAULT_KEEP_DAYS,
+                        help="after committing, prune the versions no training run started within this many days "
+                             f"may read (default {versions.DEFAULT_KEEP_DAYS:g}; python -m etl.versions lists them)")
     parser.add_argument("--master", help="Spark master when run without spark-submit (default local[*])")
     return parser
 
@@ -156,19 +164,51 @@ def write_parquet(spark, rows: pd.DataFrame, data_root: str, spec: DatasetSpec, 
     schema = output_schema(spec)
     input_columns = set(metadata_columns(spec)) | {"split"}
     input_schema = [field.name for field in schema.fields if field.name in input_columns]
-    manifest = spark.createDataFrame(rows[input_schema], schema=_input_struct(schema, input_schema))
-    partitions = max(2 * spark.sparkContext.defaultParallelism, -(-len(rows) // rows_per_file))
-    (
-        manifest.repartition(partitions, "patient_id")
-        .mapInPandas(decode_batches(data_root, spec), schema)
-        # A fixed row order makes reruns byte-identical and satisfies the writer's sort.
-        .sortWithinPartitions("split", "image_id")
-        .write.partitionBy("split")
-        .option("maxRecordsPerFile", rows_per_file)
-        # Every image is distinct: a dictionary never pays off, and trying one cost 5-12% of the stage.
-        .option(f"parquet.enable.dictionary#{spec.pixel_column}", "false")
-        .parquet(str(staging))
-    )
+    input_struct = _input_struct(schema, input_schema)
+    # The manifest reaches Spark as a Parquet file the driver writes and executors read: driver memory and
+    # time stay linear in rows (createDataFrame from pandas, above Spark's 48 MB Arrow local-relation
+    # threshold, made one partition per 64-row Arrow batch: 15,625 tasks and a full driver heap at 1M rows).
+    manifest_path = manifest_file(staging)
+    try:
+        write_manifest(rows, input_struct, manifest_path)
+        manifest = spark.read.schema(input_struct).parquet(str(manifest_path))
+        partitions = max(2 * spark.sparkContext.defaultParallelism, -(-len(rows) // rows_per_file))
+        (
+            manifest.repartition(partitions, "patient_id")
+            .mapInPandas(decode_batches(data_root, spec), schema)
+            # A fixed row order makes reruns byte-identical and satisfies the writer's sort.
+            .sortWithinPartitions("split", "image_id")
+            .write.partitionBy("split")
+            .option("maxRecordsPerFile", rows_per_file)
+            # Every image is distinct: a dictionary never pays off, and trying one cost 5-12% of the stage.
+            .option(f"parquet.enable.dictionary#{spec.pixel_column}", "false")
+            .parquet(str(staging))
+        )
+    finally:
+        manifest_path.unlink(missing_ok=True)
+
+
+MANIFEST_ROW_GROUP_ROWS = 65_536  # row groups Spark can split the manifest read on; also the conversion's slice
+
+
+def manifest_file(staging: Path) -> Path:
+    """Where write_parquet puts the manifest for the executors: beside the version folder being written (Spark
+    creates that folder itself), removed when the write ends, failed or not (etl.versions prunes what a killed
+    job leaves)."""
+    return staging.with_name(f"{staging.name}.manifest.parquet")
+
+
+def write_manifest(rows: pd.DataFrame, input_struct, path: Path) -> None:
+    """The columns of `input_struct` of `rows` as Parquet, with the Arrow types of that Spark schema,
+    converted one row group at a time (driver memory: the pandas frame plus one slice)."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    arrow_schema = to_arrow_schema(input_struct)
+    with pq.ParquetWriter(str(path), arrow_schema) as writer:
+        for start in range(0, max(len(rows), 1), MANIFEST_ROW_GROUP_ROWS):
+            piece = rows.iloc[start:start + MANIFEST_ROW_GROUP_ROWS]
+            writer.write_table(pa.Table.from_pandas(piece, schema=arrow_schema, preserve_index=False),
+                               row_group_size=MANIFEST_ROW_GROUP_ROWS)
 
 
 def _input_struct(schema, names):
@@ -200,25 +240,16 @@ def written_rows(staging: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["patient_id", "split"])
 
 
-def commit(staging: Path, output: Path, overwrite: bool) -> None:
-    """Make the finished dataset visible in one rename (an existing one only with --overwrite)."""
-    if output.exists():
-        retired = output.with_name(f"{output.name}.old-{uuid.uuid4().hex[:8]}")
-        output.rename(retired)
-        staging.rename(output)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(output)
-
-
 def run(args: argparse.Namespace) -> dict:
     missing = [flag for flag in ("source", "data_root", "output") if not getattr(args, flag)]
     if missing:
         raise SystemExit(f"missing --{', --'.join(m.replace('_', '-') for m in missing)} (or set them in --config)")
     output = Path(args.output).resolve()
-    if output.exists() and not args.overwrite:
-        raise SystemExit(f"{output} exists; pass --overwrite to replace it")
+    if versions.has_data(output) and not args.overwrite:
+        raise SystemExit(f"{output} holds a dataset; pass --overwrite to write a new version and make it current "
+                         "(training runs reading the current one keep it)")
     timings: dict[str, float] = {}
+    created = versions.now_utc()
 
     started = time.perf_counter()
     try:
@@ -258,8 +289,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(str(exc)) from None
     spec = DatasetSpec(manifest.dataset, manifest.label_names, args.size, args.dtype, **spec_label_fields(manifest),
                        folds=args.folds or 0, decoder=decoder)
-    staging = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    version, staging = versions.new_version(output)
     try:
         if len(rows):
             started = time.perf_counter()
@@ -312,16 +342,23 @@ def run(args: argparse.Namespace) -> dict:
             (staging / "_side").mkdir(exist_ok=True)
             pq.write_table(pa.Table.from_pandas(table, preserve_index=False), staging / "_side" / f"{name}.parquet")
         hold_at("etl:before-commit")  # fault tests: killed here, nothing may appear at OUTPUT
-        commit(staging, output, args.overwrite)
+        committed = versions.commit(output, version, {
+            "created": created.isoformat(), "dataset": spec.dataset, "image_size": spec.image_size,
+            "rows_written": summary["rows_written"], "rows_quarantined": summary["rows_quarantined"],
+            "etl_config": vars(args)})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("committed %s (quarantine: %s)", output, output / "_quarantine" / "rejects.parquet")
+    log.info("committed version %s of %s (quarantine: %s)", version, output,
+             committed / "_quarantine" / "rejects.parquet")
+    pruned = versions.prune(output, args.keep_days)
+    log.info("versions: %d pruned (%s), %d kept (python -m etl.versions list %s)", len(pruned),
+             ", ".join(pruned) or "none older than --keep-days", len(versions.list_versions(output)), output)
     bad_fraction = summary["rows_quarantined"] / max(summary["rows_read"], 1)
     if bad_fraction > args.max_bad_fraction:
         raise SystemExit(
             f"{bad_fraction:.1%} of rows were quarantined (limit --max-bad-fraction {args.max_bad_fraction}): "
-            f"{summary['quarantined_by_reason']}; see {output / '_quarantine' / 'rejects.parquet'}"
+            f"{summary['quarantined_by_reason']}; see {committed / '_quarantine' / 'rejects.parquet'}"
         )
     return summary
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import LABEL_MASK_COLUMN, MULTICLASS_POLICY, read_dataset_spec
 from cxr_pipeline.etl.sources.manifest import Manifest
 
@@ -181,24 +181,25 @@ def relabel_table(table, relabel_columns: Sequence[bool], predictions: pd.DataFr
 def relabel_dataset(dataset: str | Path, prediction_csvs: Sequence[str | Path], output: str | Path,
                     splits: Sequence[str] = ("train",), overwrite: bool = False) -> dict:
     """Write `output`: `dataset` with its U-SelfTrained labels relabelled in `splits` (other
-    splits and every other column copied as they are). Appears in one rename when complete."""
+    splits and every other column copied as they are), as a new version of `output` (etl/versions.py)."""
     import pyarrow.parquet as pq
 
-    dataset, output = Path(dataset).resolve(), Path(output).resolve()
+    read, output = versions.resolve(dataset), Path(output).resolve()
+    dataset = read.path
     spec = read_dataset_spec(dataset)
     relabel_columns = [spec.label_policies.get(name) == U_SELFTRAINED for name in spec.label_names]
     if not any(relabel_columns) or not spec.has_mask:
         raise ValueError(f"{dataset} has no label under {U_SELFTRAINED} (policies: {spec.label_policies or 'none'}); "
                          "run the ETL with --uncertainty-policy naming it first")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    if versions.has_data(output) and not overwrite:
+        raise FileExistsError(f"{output} holds a dataset; pass --overwrite to write a new version of it")
     predictions = read_predictions(prediction_csvs, spec.label_names)
-    staging = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    version, staging = versions.new_version(output)
     relabelled = {name: 0 for name, chosen in zip(spec.label_names, relabel_columns) if chosen}
     try:
         staging.mkdir()
         for entry in sorted(dataset.iterdir()):
-            if entry.name.startswith("split="):
+            if entry.name.startswith("split=") or entry.name == versions.VERSION_FILE:
                 continue
             if entry.is_dir():  # quarantine, side tables
                 shutil.copytree(entry, staging / entry.name)
@@ -218,12 +219,11 @@ def relabel_dataset(dataset: str | Path, prediction_csvs: Sequence[str | Path], 
                 rows_per_group = source.metadata.row_group(0).num_rows if source.metadata.num_row_groups else 0
                 pq.write_table(table, staging / split_folder.name / file.name, row_group_size=max(rows_per_group, 1),
                                compression="snappy")
-        summary = {"dataset": str(dataset), "predictions": [str(p) for p in prediction_csvs], "splits": list(splits),
+        summary = {"dataset": str(dataset), "dataset_version": read.version,
+                   "predictions": [str(p) for p in prediction_csvs], "splits": list(splits),
                    "entries_relabelled": relabelled}
         (staging / "_relabel.json").write_text(json.dumps(summary, indent=2))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        versions.commit(output, version, {"created": versions.now_utc().isoformat(), "derived_from": summary})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -235,9 +235,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--dataset", required=True, help="dataset folder written by etl/preprocess.py")
     parser.add_argument("--predictions", required=True, nargs="+",
                         help="training's predictions_<stage>_<split>.csv of the first (U-Ignore) model")
-    parser.add_argument("--output", required=True, help="relabelled dataset folder to create")
+    parser.add_argument("--output", required=True, help="dataset root: the relabelled dataset becomes its current "
+                                                         "version")
     parser.add_argument("--splits", default="train", help="comma-separated splits to relabel (default train)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--overwrite", action="store_true", help="--output holds a dataset: add a new version")
     args = parser.parse_args(argv)
     try:
         summary = relabel_dataset(args.dataset, args.predictions, args.output,

@@ -48,6 +48,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.sessions import session_builder
 from cxr_pipeline.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
 from cxr_pipeline.training.label_files import DECISION_SUFFIX, ERROR_COLUMN
@@ -247,16 +248,16 @@ def images_to_score(args, done: set[str]) -> tuple[pd.DataFrame, int]:
 
 def dataset_frame(spark, args, spec: DatasetSpec, done: set[str]):
     """image_id, path (split/image_id, as predict names them) and stored pixels of the ETL rows not in `done`."""
-    stored = read_dataset_spec(args.dataset)
+    dataset = versions.resolve(args.dataset).path  # the current version, once
+    stored = read_dataset_spec(dataset)
     if (stored.image_size, stored.pixel_dtype) != (spec.image_size, spec.pixel_dtype):
         raise SystemExit(f"{args.dataset} holds {stored.image_size} px {stored.pixel_dtype} pixels, the model "
                          f"takes {spec.image_size} px {spec.pixel_dtype}: rerun the ETL at that size, or pass "
                          "the image files with --images")
     from pyspark.sql import functions as F
 
-    splits = [s for s in (args.split or SPLITS) if split_dir(args.dataset, s).exists()]
-    frame = spark.read.option("basePath", str(args.dataset)).parquet(*(str(split_dir(args.dataset, s))
-                                                                       for s in splits))
+    splits = [s for s in (args.split or SPLITS) if split_dir(dataset, s).exists()]
+    frame = spark.read.option("basePath", str(dataset)).parquet(*(str(split_dir(dataset, s)) for s in splits))
     frame = frame.select("image_id", F.concat_ws("/", "split", "image_id").alias("path"), spec.pixel_column)
     if done:
         frame = frame.join(spark.createDataFrame([(i,) for i in done], "image_id string"), "image_id", "left_anti")

@@ -28,6 +28,13 @@ def require(path: Path) -> Path:
     return path
 
 
+def current(output: Path) -> Path:
+    """The folder of an ETL output's current version (etl/versions.py)."""
+    from cxr_pipeline.etl.versions import resolve
+
+    return resolve(output).path
+
+
 def run_cli(*args, timeout=600, env=None, check=True) -> subprocess.CompletedProcess:
     """Run a project command line as a user would; fail the test with its output on error
     (check=False: return the result of a run that is meant to fail)."""
@@ -64,12 +71,12 @@ def spark_etl(*args, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def nih_dataset(tmp_path_factory) -> Path:
-    """The 100 real NIH PNGs through the Spark ETL at 64 px, 8 rows per file (built once)."""
+    """The 100 real NIH PNGs through the Spark ETL at 64 px, 8 rows per file (built once): its version folder."""
     require(NIH / "images")
     output = tmp_path_factory.mktemp("etl") / "nih_64"
     spark_etl("--source", "nih", "--data-root", NIH, "--labels-csv", NIH / "Data_Entry_sample.csv",
               "--output", output, "--size", 64, "--rows-per-file", 8)
-    return output
+    return current(output)
 
 
 @pytest.fixture

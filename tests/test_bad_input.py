@@ -8,17 +8,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import KERMANY, NIH, require, spark_etl
+from conftest import KERMANY, NIH, current, require, spark_etl
 from cxr_pipeline.etl.images import MAX_PIXELS
 
 HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
 
 
 def quarantine(output):
-    return pq.read_table(output / "_quarantine" / "rejects.parquet").to_pandas().set_index("image_id")
+    return pq.read_table(current(output) / "_quarantine" / "rejects.parquet").to_pandas().set_index("image_id")
 
 
 def written(output):
+    output = current(output)
     return pd.concat([pq.read_table(output / f"split={s}", columns=["image_id", "age", "sex"]).to_pandas()
                       for s in ("train", "val", "test") if (output / f"split={s}").exists()]).set_index("image_id")
 
@@ -78,7 +79,7 @@ def test_each_bad_row_has_its_reason_and_source_row(nih_battery):
 
 
 def test_counts_reconcile_and_converted_images_are_written(nih_battery):
-    summary = json.loads((nih_battery / "_etl_summary.json").read_text())
+    summary = json.loads((current(nih_battery) / "_etl_summary.json").read_text())
     assert summary["rows_read"] == 14  # 13 label rows + 1 unlisted file
     assert sum(summary["rows_written"].values()) == 4 and summary["rows_quarantined"] == 10
     assert sum(summary["quarantined_by_reason"].values()) == 10
@@ -102,7 +103,7 @@ def test_pneumonia_folder_with_truncated_and_fake_jpegs(tmp_path):
     output = tmp_path / "out"
     spark_etl("--source", "pneumonia", "--data-root", root, "--output", output, "--size", 64,
               "--max-bad-fraction", 1, "--rows-per-file", 2)
-    summary = json.loads((output / "_etl_summary.json").read_text())
+    summary = json.loads((current(output) / "_etl_summary.json").read_text())
     rejects = quarantine(output)
     assert summary["rows_read"] == 11 and sum(summary["rows_written"].values()) == 8
     assert rejects.loc["train/NORMAL/IM-9999-0001.jpeg", "reason"] == "undecodable"

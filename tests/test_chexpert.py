@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CHEXPERT_TRAIN_CSV, require, run_cli, spark_etl
+from conftest import CHEXPERT_TRAIN_CSV, current, require, run_cli, spark_etl
 from conftest import chexpert_table as real_table, write_chexpert_images as write_images
 from cxr_pipeline.schema import DatasetSpec, read_dataset_spec
 from cxr_pipeline.etl.sources import chexpert
@@ -118,13 +118,14 @@ def chexpert_dataset(tmp_path_factory):
 
 
 def read_rows(dataset) -> pd.DataFrame:
+    dataset = current(dataset)
     return pd.concat([pq.read_table(dataset / f"split={s}").to_pandas().assign(split=s)
                       for s in ("train", "val", "test")], ignore_index=True)
 
 
 def test_etl_writes_policy_labels_mask_folds_and_spec(chexpert_dataset):
     output, table = chexpert_dataset
-    spec = read_dataset_spec(output)
+    spec = read_dataset_spec(current(output))
     assert spec.dataset == "chexpert" and spec.label_names == chexpert.LABEL_NAMES
     assert spec.has_mask and spec.folds == 3 and spec.multiclass_labels == ("Cardiomegaly",)
     rows = read_rows(output).set_index("image_id").loc[table["Path"]]
@@ -158,8 +159,8 @@ def test_relabel_command_fills_uncertain_self_trained_entries_from_predictions(c
     assert np.array_equal(labels_after[untouched], labels_before[untouched])
     assert np.array_equal(mask_after[untouched], mask_before[untouched])
     assert (after["pixels_u8"] == before["pixels_u8"]).all()
-    assert read_dataset_spec(relabelled) == read_dataset_spec(output)
-    summary = json.loads((relabelled / "_relabel.json").read_text())
+    assert read_dataset_spec(current(relabelled)) == read_dataset_spec(current(output))
+    summary = json.loads((current(relabelled) / "_relabel.json").read_text())
     assert summary["entries_relabelled"] == {"Consolidation": int(changed.sum())}
 
 
@@ -197,7 +198,7 @@ def test_training_honours_mask_and_three_way_head_then_self_trains_in_two_passes
     relabelled = tmp_path / "relabelled"
     run_cli(sys.executable, "-m", "etl.uncertainty", "--dataset", output, "--predictions",
             first / "predictions_finetune_train.csv", "--output", relabelled)
-    assert json.loads((relabelled / "_relabel.json").read_text())["entries_relabelled"]["Consolidation"] >= 1
+    assert json.loads((current(relabelled) / "_relabel.json").read_text())["entries_relabelled"]["Consolidation"] >= 1
     second = train(relabelled, tmp_path / "pass2")
     assert (second / "best_finetune.pth").exists()
 
@@ -212,7 +213,7 @@ def test_another_fold_becomes_val_without_decoding_again(chexpert_dataset, tmp_p
     assert after.groupby("patient_id")["split"].nunique().max() == 1
     test_ids = set(before.loc[before["split"] == "test", "image_id"])
     assert set(after.loc[after["split"] == "test", "image_id"]) == test_ids
-    assert read_dataset_spec(tmp_path / "fold1") == read_dataset_spec(output)
+    assert read_dataset_spec(current(tmp_path / "fold1")) == read_dataset_spec(current(output))
     merged = before.set_index("image_id").loc[after["image_id"], "pixels_u8"]
     assert (merged.to_numpy() == after["pixels_u8"].to_numpy()).all()
     with pytest.raises(SystemExit, match="0..2"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyspark
 import pytest
 
-from conftest import BIN, NIH, ROOT
+from conftest import BIN, NIH, ROOT, current
 from test_faults import dataset_content
 
 SPARK_CLASS = Path(pyspark.__file__).parent / "bin" / "spark-class"
@@ -68,7 +68,7 @@ def test_etl_on_a_standalone_cluster_writes_what_local_mode_writes(standalone_ma
          "--size", "64", "--rows-per-file", "8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert dataset_content(output) == dataset_content(nih_dataset)
-    summary = json.loads((output / "_etl_summary.json").read_text())
+    summary = json.loads((current(output) / "_etl_summary.json").read_text())
     assert summary["rows_written"] == json.loads((nih_dataset / "_etl_summary.json").read_text())["rows_written"]
 
 

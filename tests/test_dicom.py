@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from conftest import DICOM, require, spark_etl
+from conftest import DICOM, current, require, spark_etl
 from cxr_pipeline.etl.dicom_images import dicom_to_grey_u8
 from cxr_pipeline.etl.images import ImageError, decode_resize
 from cxr_pipeline.etl.sources import dicom
@@ -138,13 +138,13 @@ def test_etl_writes_equal_pixels_for_both_files_and_no_identifying_value(tmp_pat
     output = tmp_path / "dicom_64"
     spark_etl("--source", "dicom", "--data-root", require(DICOM), "--labels-csv", tmp_path / "labels.csv",
               "--output", output, "--size", 64, env={"CXR_PATIENT_ID_KEY": "site-secret"})
-    table = pq.read_table(output, columns=None).to_pandas()
+    table = pq.read_table(current(output), columns=None).to_pandas()
     assert sorted(table["image_id"]) == sorted(FILES)
     pixels = {row.image_id: np.frombuffer(row.pixels_u8, np.uint8) for row in table.itertuples()}
     assert np.array_equal(pixels["RG1_UNCR.dcm"], pixels["RG1_J2KR.dcm"])
     assert np.array_equal(pixels["RG1_UNCR.dcm"], decode_resize(real_bytes("RG1_UNCR.dcm"), 64).ravel())
     text_cells = " ".join(str(v) for column in table.columns if column != "pixels_u8" for v in table[column])
-    footer = str(pq.read_schema(next(output.glob("split=*/*.parquet"))).metadata)
+    footer = str(pq.read_schema(next(current(output).glob("split=*/*.parquet"))).metadata)
     leaked = [value for value in identifying_values("RG1_UNCR.dcm") | identifying_values("RG1_J2KR.dcm")
               if value in text_cells or value in footer]
     assert leaked == []

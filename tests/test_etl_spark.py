@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import NIH, require, spark_etl
+from conftest import NIH, current, require, spark_etl
 from cxr_pipeline.etl.images import decode_resize
 from cxr_pipeline.schema import read_dataset_spec
 from cxr_pipeline.etl.sources.nih import LABEL_NAMES
@@ -59,8 +59,8 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_reconcile(tmp_path):
     pd.concat([csv, zero]).to_csv(root / "Data_Entry_2017.csv", index=False)  # names[5] has no file
     output = tmp_path / "out"
     spark_etl("--source", "nih", "--data-root", root, "--output", output, "--size", 64, "--max-bad-fraction", 1)
-    summary = json.loads((output / "_etl_summary.json").read_text())
-    rejects = pq.read_table(output / "_quarantine" / "rejects.parquet").to_pandas().set_index("image_id")
+    summary = json.loads((current(output) / "_etl_summary.json").read_text())
+    rejects = pq.read_table(current(output) / "_quarantine" / "rejects.parquet").to_pandas().set_index("image_id")
     assert summary["rows_read"] == 7
     assert sum(summary["rows_written"].values()) == 4 and summary["rows_quarantined"] == 3
     assert rejects.loc[names[4], "reason"] == "undecodable"
@@ -78,4 +78,4 @@ def test_too_many_bad_rows_fail_the_job_but_keep_the_output(tmp_path):
     output = tmp_path / "out"
     with pytest.raises(pytest.fail.Exception, match="99.0% of rows were quarantined"):
         spark_etl("--source", "nih", "--data-root", root, "--output", output, "--size", 64)
-    assert json.loads((output / "_etl_summary.json").read_text())["rows_quarantined"] == 99
+    assert json.loads((current(output) / "_etl_summary.json").read_text())["rows_quarantined"] == 99

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -15,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import BIN, NIH, ROOT, require, run_cli, spark_etl
+from conftest import BIN, NIH, ROOT, current, require, run_cli, spark_etl
 from test_training import train_args
+from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.hold_points import VARIABLE
 from cxr_pipeline.training import checkpoints
 from cxr_pipeline.training.results import write_results, read_results
@@ -149,6 +151,7 @@ def test_rank_killed_mid_run_then_resumed_ends_like_an_uninterrupted_run(nih_dat
 
 def dataset_content(output):
     """Every row of every split, as a hash that ignores file names and order of files."""
+    output = current(output)
     table = pd.concat([pq.read_table(output / f"split={s}").to_pandas().assign(split=s)
                        for s in ("train", "val", "test")]).sort_values("image_id")
     digest = hashlib.sha256()
@@ -175,9 +178,11 @@ def test_etl_killed_half_way_leaves_no_partial_output(tmp_path):
     wait_for(pipe, job)  # every file is written to the staging folder; the rename has not happened
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    (staging,) = tmp_path.glob("out.tmp-*")
-    assert list(staging.glob("split=*/*.parquet")) and (staging / "_etl_summary.json").exists()
-    assert not output.exists()
+    (written,) = (output / "_versions").iterdir()  # the version being written, without its _version.json
+    assert list(written.glob("split=*/*.parquet")) and (written / "_etl_summary.json").exists()
+    assert not versions.has_data(output) and versions.list_versions(output) == []  # nothing current, no version
+    assert versions.prune(output, keep_days=0) == [] and written.exists()  # it may still be writing
+    assert versions.prune(output, now=versions.now_utc() + timedelta(days=30)) == [] and not written.exists()
 
 
 def append_many(table, writer, count):

@@ -43,19 +43,24 @@ def test_repeated_passes_are_exact_and_shuffle_is_seeded(nih_dataset):
     assert passes[0] == passes[1] == passes[2] and passes[0] != passes[3]
 
 
-def test_drop_last_keeps_only_full_batches(nih_dataset):
+def test_full_batches_fill_the_last_batch_from_the_start_of_the_pass(nih_dataset):
     spec = read_dataset_spec(nih_dataset)
-    sizes = [len(b.image_ids) for b in SplitReader(nih_dataset, "train", spec, 16, drop_last=True)]
-    assert sizes and set(sizes) == {16} and len(sizes) == split_row_count(nih_dataset, "train") // 16
+    rows = split_row_count(nih_dataset, "train")
+    reader = SplitReader(nih_dataset, "train", spec, 16, shuffle=True, seed=1, full_batches=True)
+    batches = [b.image_ids for b in reader]
+    ids = [i for b in batches for i in b]
+    assert {len(b) for b in batches} == {16} and len(batches) == len(reader) == -(-rows // 16)
+    assert len(set(ids)) == rows and len(ids) - rows == reader.shard.padding < 16
 
 
 def test_float32_dataset_gives_the_same_model_input_as_uint8(nih_dataset, tmp_path):
     """--dtype float32 stores what the input transform computes from uint8: same model input either way."""
-    from conftest import NIH, spark_etl
+    from conftest import NIH, current, spark_etl
 
     floats = tmp_path / "nih_f32"
     spark_etl("--source", "nih", "--data-root", NIH, "--labels-csv", NIH / "Data_Entry_sample.csv",
               "--output", floats, "--size", 64, "--rows-per-file", 8, "--dtype", "float32")
+    floats = current(floats)
     spec = read_dataset_spec(floats)
     assert spec.pixel_column == "pixels_f32" and spec.pixel_shape == (3, 64, 64)
     assert not (floats / MEAN_IMAGE_FILE).exists()  # the mean image is only for uint8 datasets

@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import KERMANY, require, spark_etl
+from conftest import KERMANY, current, require, spark_etl
 from cxr_pipeline.etl.sources import pneumonia
 from cxr_pipeline.etl.splits import SplitLeakError, assign_splits, check_patient_disjoint
 
@@ -52,10 +52,10 @@ def test_spark_etl_on_the_pneumonia_download_as_it_is(tmp_path):
     result = spark_etl("--source", "pneumonia", "--data-root", KERMANY_ROOT, "--output", output, "--size", 32,
                        "--split-fractions", "0.9,0.1,0.0", "--rows-per-file", 512)
     assert "75 bare ids occur in more than one numbering" in result.stdout + result.stderr
-    summary = json.loads((output / "_etl_summary.json").read_text())
+    summary = json.loads((current(output) / "_etl_summary.json").read_text())
     assert summary["rows_read"] == 5527 and summary["rows_quarantined"] == 0
     assert summary["rows_written"]["test"] == 311
-    written = pq.read_table(output, columns=["image_id", "patient_id", "split"]).to_pandas()
+    written = pq.read_table(current(output), columns=["image_id", "patient_id", "split"]).to_pandas()
     expected = sorted(str(p.relative_to(KERMANY_ROOT)) for p in (KERMANY_ROOT / "test").rglob("*.jpeg"))
     assert sorted(written.loc[written["split"] == "test", "image_id"]) == expected
     assert written.groupby("patient_id")["split"].nunique().max() == 1

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from conftest import BIN, KERMANY, require, run_cli, spark_etl
+from conftest import BIN, KERMANY, current, require, run_cli, spark_etl
 from cxr_pipeline.training import checkpoints
 from cxr_pipeline.training.operating_points import DEFAULT_POLICIES
 from cxr_pipeline.training.results import read_results
@@ -23,7 +23,7 @@ def test_short_real_pneumonia_run_scores_the_official_test_split(tmp_path):
     dataset = tmp_path / "pneumonia_64"
     spark_etl("--source", "pneumonia", "--data-root", root, "--output", dataset, "--size", 64,
               "--split-fractions", "0.7,0.3,0.0", "--rows-per-file", 32)
-    summary = json.loads((dataset / "_etl_summary.json").read_text())
+    summary = json.loads((current(dataset) / "_etl_summary.json").read_text())
     assert summary["rows_read"] == 800 + 311 and summary["rows_quarantined"] == 0
     assert summary["rows_written"]["test"] == 311 and summary["rows_written"]["val"] > 150
 

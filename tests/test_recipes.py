@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, KERMANY, NIH, ROOT, chexpert_table, require, run_cli, spark_etl, write_chexpert_images
+from conftest import (BIN, KERMANY, NIH, ROOT, chexpert_table, current, require, run_cli, spark_etl,
+                      write_chexpert_images)
 from cxr_pipeline.training import checkpoints
 
 RECIPES = sorted((ROOT / "conf" / "recipes").glob("*.yaml"))
@@ -59,7 +60,7 @@ def test_recipe_runs_its_etl_and_one_step_per_stage_on_real_data(recipe, tmp_pat
     dataset = tmp_path / "dataset"
     spark_etl("--config", recipe, *DATA[config["etl"]["source"]](tmp_path), "--output", dataset, "--size", SIZE,
               "--rows-per-file", 8)
-    summary = json.loads((dataset / "_etl_summary.json").read_text())
+    summary = json.loads((current(dataset) / "_etl_summary.json").read_text())
     assert summary["rows_read"] == sum(summary["rows_written"].values()) + summary["rows_quarantined"] + \
         summary["rows_left_out_by_subset"]
     train = config["train"]

@@ -10,6 +10,7 @@ import pytest
 from deltalake import write_deltalake
 
 from conftest import BIN, KERMANY, NIH, require, run_cli
+from cxr_pipeline.etl import versions
 from cxr_pipeline.training import tracking
 from cxr_pipeline.training.distributed import Single
 from cxr_pipeline.training.results import RESULT_SCHEMA, write_results, read_results
@@ -46,6 +47,8 @@ def test_a_training_run_is_an_mlflow_run_whose_model_scores_like_predict(nih_dat
     assert run.info.status == "FINISHED" and run.info.run_name == run.data.tags["cxr_run_id"] == run_dir.name
     assert run.data.tags["cxr_run_dir"] == str(run_dir.resolve()) and run.data.tags["env_torch"]
     assert (results["mlflow_run_id"] == run.info.run_id).all()  # the Delta rows say which MLflow run
+    version = versions.resolve(nih_dataset).version  # and the run, its rows and its model which dataset version
+    assert run.data.tags["cxr_dataset_version"] == version and (results["dataset_version"] == version).all()
     params = run.data.params
     assert (params["model"], params["epochs_finetune"], params["lr_kt"], params["register_model"]) == (
         "small_cnn", "2", "0.001", "cxr-nih-test")  # the resolved configuration
@@ -75,6 +78,7 @@ def test_a_training_run_is_an_mlflow_run_whose_model_scores_like_predict(nih_dat
     # the registered model: the last stage's best checkpoint, scoring real files exactly as predict does
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     model = mlflow.pyfunc.load_model("models:/cxr-nih-test/1")
+    assert model.metadata.metadata["dataset_version"] == version
     images = [*sorted(require(NIH / "images").glob("*.png"))[:2], sorted(require(KERMANY).rglob("*.jpeg"))[0]]
     scored = model.predict(pd.DataFrame({"path": [str(path) for path in images]}))
     expected = predict(["--checkpoint", str(run_dir / "best_finetune.pth"), *map(str, images)])
@@ -110,8 +114,8 @@ import argparse, sys
 from cxr_pipeline.schema import DatasetSpec
 from cxr_pipeline.training import tracking
 from cxr_pipeline.training.distributed import Single
-args = argparse.Namespace(run_id=sys.argv[2], resume=None, dataset="d", no_mlflow=False, register_model=None,
-                          mlflow_experiment=None)
+args = argparse.Namespace(run_id=sys.argv[2], resume=None, dataset="d", dataset_version=None, no_mlflow=False,
+                          register_model=None, mlflow_experiment=None)
 print(tracking.start(args, __import__("pathlib").Path(sys.argv[1]) / sys.argv[2], DatasetSpec("nih", ("A",), 8),
                      Single()).run_id)
 """

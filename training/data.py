@@ -1,7 +1,7 @@
 """Stream one split of the ETL's Parquet into torch batches with Petastorm.
 
-Each rank reads its own share of row groups (`make_batch_reader(cur_shard=rank,
-shard_count=world_size)`), so the ranks together read every row exactly once per pass.
+Each rank reads its share of the split's rows (training/shards.py: every row once per pass at any
+number of ranks, training passes padded to whole batches), opening only the files that share touches.
 Sizes and label names come from the dataset's own metadata
 (:func:`cxr_pipeline.schema.read_dataset_spec`), never from flags. Batches carry the pixels as stored
 (grey uint8), pinned when a GPU will receive them; training.inputs turns them into model input
@@ -9,6 +9,7 @@ on the device.
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import warnings
@@ -22,6 +23,7 @@ import torch
 
 from cxr_pipeline.schema import LABEL_MASK_COLUMN, DatasetSpec, split_dir
 from cxr_pipeline.training import petastorm_fixes
+from cxr_pipeline.training.shards import RankShard, plan_pass, split_index
 
 # The non-image inputs of fusion models (training.models.metadata_features), as the ETL names them.
 METADATA_COLUMNS = ("age", "sex", "view_position")
@@ -44,10 +46,6 @@ class Batch:
 def split_row_count(dataset_dir: str | Path, split: str) -> int:
     """Rows of a split, from the Parquet footers (no data read)."""
     return sum(pq.ParquetFile(path).metadata.num_rows for path in split_dir(dataset_dir, split).glob("*.parquet"))
-
-
-def split_row_groups(dataset_dir: str | Path, split: str) -> int:
-    return sum(pq.ParquetFile(path).metadata.num_row_groups for path in split_dir(dataset_dir, split).glob("*.parquet"))
 
 
 def label_table(dataset_dir: str | Path, split: str, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -79,23 +77,26 @@ def label_tensor(rows: np.ndarray) -> torch.Tensor:
 class SplitReader:
     """Iterable of :class:`Batch` for one rank over one split (one pass per iteration).
 
-    Row groups are shuffled by Petastorm (seeded) and rows within a buffer of
-    `shuffle_rows` by this class. A rank whose shard has no row group yields nothing.
+    The rank's share and the file order come from :func:`training.shards.plan_pass` (seeded with `seed`
+    when `shuffle`); rows within a buffer of `shuffle_rows` are shuffled here. `full_batches` (training):
+    the pass is padded so that every rank yields the same number of full batches, every row at least
+    once (`shard.padding` rows repeated); else every row exactly once, the last batch short.
+    `oversampler` repeats rows of rare classes, decided once for the whole pass.
 
     `pool` is Petastorm's reader pool. The default `dummy` reads in the calling thread (run
     it under :func:`prefetch` to overlap with compute). Petastorm 0.13.1's `thread` pool
     returned fewer rows than the files hold in about 1 pass in 3 here (pyarrow 14, 1 or 2
-    workers), so it is only an option; `process` is exact but starts slowly.
+    workers), so it is only an option, and a pass that yields fewer rows than planned raises;
+    `process` is exact but starts slowly.
     """
 
     def __init__(self, dataset_dir, split: str, spec: DatasetSpec, batch_size: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                 world_size: int = 1, shuffle: bool = False, seed: int = 0, full_batches: bool = False,
                  shuffle_rows: int = 256, pool: str = "dummy", workers: int = 2, with_metadata: bool = False,
                  oversampler=None, pin_memory: bool = False):
-        # Not Path.as_uri(): it escapes the "=" of "split=train", which Petastorm then cannot find.
-        self.url = "file://" + str(split_dir(dataset_dir, split).resolve())
+        self.folder = split_dir(dataset_dir, split)
         self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.shuffle, self.seed, self.full_batches = shuffle, seed, full_batches
         self.shuffle_rows, self.pool, self.workers = max(shuffle_rows, batch_size), pool, workers
         self.columns = [spec.pixel_column, "labels", "image_id", "patient_id"]
         self.columns += [LABEL_MASK_COLUMN] if spec.has_mask else []
@@ -103,27 +104,47 @@ class SplitReader:
         self.oversampler = oversampler  # training.sampling.Oversampler: rows of rare classes repeated
         self.pin_memory = pin_memory
 
+    @functools.cached_property
+    def shard(self) -> RankShard:
+        return plan_pass(split_index(self.folder), self.rank, self.world_size, self.seed if self.shuffle else None,
+                         None if self.oversampler is None else self._oversampled_copies,
+                         self.batch_size if self.full_batches else 1)
+
+    def _oversampled_copies(self, index) -> np.ndarray:
+        """Copies of each row of the split this pass: the same draw on every rank."""
+        return self.oversampler.repeats(index.labels, np.random.default_rng(self.seed))
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a pass."""
+        return -(-self.shard.rows // self.batch_size)
+
     def _row_groups(self):
         from petastorm import make_batch_reader
-        from petastorm.errors import NoDataAvailableError
 
         petastorm_fixes.apply()
-
-        try:
-            reader = make_batch_reader(
-                self.url, schema_fields=self.columns,
-                cur_shard=self.rank, shard_count=self.world_size, num_epochs=1,
-                shuffle_row_groups=self.shuffle, seed=self.seed, reader_pool_type=self.pool,
-                workers_count=self.workers,
-            )
-        except NoDataAvailableError:  # fewer row groups than ranks: this rank's share is empty
+        shard = self.shard
+        if not shard.files:  # more ranks than rows
             return
+        reader = make_batch_reader(
+            # Not Path.as_uri(): it escapes the "=" of "split=train", which Petastorm then cannot find.
+            ["file://" + path for path in shard.files], schema_fields=self.columns, num_epochs=1,
+            shuffle_row_groups=False, reader_pool_type=self.pool, workers_count=self.workers,
+        )
+        delivered = 0
         try:
             for group in reader:
-                yield {column: getattr(group, column) for column in self.columns}
+                rows = {column: getattr(group, column) for column in self.columns}
+                counts = shard.counts(rows["image_id"])
+                if not (counts == 1).all():  # rows of another rank's slice, or repeated ones
+                    rows = {column: np.repeat(values, counts, axis=0) for column, values in rows.items()}
+                delivered += len(rows["labels"])
+                yield rows
         finally:  # what `with reader:` does, minus its print() about a cache we do not use
             reader.stop()
             reader.join()
+        if delivered != shard.rows:
+            raise RuntimeError(f"{self.folder} rank {self.rank}: read {delivered} rows where the plan holds "
+                               f"{shard.rows} (Petastorm's {self.pool} pool lost row groups; use the dummy pool)")
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed + 7919 * self.rank)
@@ -136,12 +157,9 @@ class SplitReader:
                 if group is None:
                     exhausted = True
                     continue
-                if self.oversampler is not None:
-                    copies = self.oversampler.repeats(np.stack(group["labels"]), rng)
-                    group = {column: np.repeat(values, copies, axis=0) for column, values in group.items()}
                 pool = group if pool is None else {c: np.concatenate([pool[c], group[c]]) for c in self.columns}
             rows = 0 if pool is None else len(pool["labels"])
-            if rows == 0 or (rows < self.batch_size and (self.drop_last or not exhausted)):
+            if rows == 0:
                 return
             if self.shuffle:
                 order = rng.permutation(rows)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import DatasetSpec, read_dataset_spec
 from cxr_pipeline.training import predict
 from cxr_pipeline.training.data import METADATA_COLUMNS, SplitReader
@@ -94,7 +95,7 @@ def main(argv=None) -> list[dict]:
     if len(args.members) < 2:
         raise SystemExit("an ensemble needs at least two members")
 
-    dataset = Path(args.dataset)
+    dataset = versions.resolve(args.dataset).path
     spec = read_dataset_spec(dataset)
     frames = [member_predictions(m, dataset, args.split, spec, args.batch_size) for m in args.members]
     averaged = average(frames, args.members)

@@ -42,10 +42,10 @@ class StageLoop:
     """Trains the stages of a run, each from the best weights of the one before."""
 
     def __init__(self, args, feed: Feed, oversampler: Oversampler | None, augmentation: Augmentation | None,
-                 train_rows_per_epoch: int, run_dir: Path, outputs: RunOutputs):
+                 run_dir: Path, outputs: RunOutputs):
         self.args, self.feed, self.dist = args, feed, feed.dist
         self.oversampler, self.augmentation = oversampler, augmentation
-        self.train_rows_per_epoch, self.run_dir, self.outputs = train_rows_per_epoch, run_dir, outputs
+        self.run_dir, self.outputs = run_dir, outputs
 
     def make_stage(self, stage: str, init_state: dict | None):
         """A fresh model (fresh parameters, so no optimizer hooks of an earlier stage), the model to
@@ -76,11 +76,13 @@ class StageLoop:
             for name, module in model.named_modules():
                 if name and not in_head(name, head):
                     module.training = False
-        reader = feed.reader("train", shuffle=True, seed=args.seed * 1000 + epoch, drop_last=True,
+        # Every rank takes the same number of full batches, every row at least once (training/shards.py).
+        reader = feed.reader("train", shuffle=True, seed=args.seed * 1000 + epoch, full_batches=True,
                              oversampler=self.oversampler)
+        planned = len(reader)
         batches = contextlib.closing(prefetch(reader))
-        expected = self.train_rows_per_epoch // (args.batch_size * dist.size)
-        bar = tqdm(total=expected, desc=f"{stage} epoch {epoch}", disable=not dist.is_main, leave=False)
+        bar = tqdm(total=min(planned, args.max_steps_per_epoch or planned), desc=f"{stage} epoch {epoch}",
+                   disable=not dist.is_main, leave=False)
         losses, steps, images_seen, wait = [], 0, 0, 0.0
         generator = batch_generator(args.seed, 1000 * STAGES.index(stage) + epoch, dist.rank)
         started = time.perf_counter()
@@ -89,8 +91,7 @@ class StageLoop:
                 waited = time.perf_counter()
                 batch = next(batch_iterator, None)
                 wait += time.perf_counter() - waited
-                # Shards can differ by a row group: all ranks stop when the first runs out.
-                if dist.allreduce_min(int(batch is not None)) == 0:
+                if batch is None:  # the same step on every rank: their shares are equal
                     break
                 images = feed.inputs(batch.images.to(feed.device, non_blocking=True))
                 labels = batch.labels.to(feed.device)
@@ -126,6 +127,10 @@ class StageLoop:
             "data_wait_fraction": dist.allreduce_mean(wait / elapsed),
             "steps": steps,
             "lr": scheduler.lr,
+            # the pass over train, all ranks: its rows (oversampling copies included) and the rows read twice
+            # to give every rank whole batches
+            "train_rows": reader.shard.pass_rows,
+            "rows_repeated": reader.shard.padding,
         }
 
     def run_stage(self, stage: str, init_state: dict | None, resume: dict | None) -> StageResult:
@@ -154,9 +159,11 @@ class StageLoop:
             if improved:
                 best_auroc, best_epoch, best_state = val_auroc, epoch, copy.deepcopy(model.state_dict())
             log.info("%s epoch %d/%d: loss %.4f, val loss %.4f, val mean AUROC %s%s, %.1f img/s, waiting for data "
-                     "%.1f%% of the time", stage, epoch, epochs, stats["train_loss"], val.loss,
+                     "%.1f%% of the time; %d train rows in %d steps x %d ranks, %d read twice to fill the last "
+                     "batches", stage, epoch, epochs, stats["train_loss"], val.loss,
                      "n/a" if val_auroc is None else f"{val_auroc:.4f}",
-                     " (best)" if improved else "", stats["images_per_second"], 100 * stats["data_wait_fraction"])
+                     " (best)" if improved else "", stats["images_per_second"], 100 * stats["data_wait_fraction"],
+                     stats["train_rows"], stats["steps"], dist.size, stats["rows_repeated"])
             if dist.is_main:
                 self.outputs.record_epoch(stage, epoch, stats, val.loss, val_auroc)
                 if improved:
@@ -168,7 +175,8 @@ class StageLoop:
                                   "scheduler": scheduler.state_dict(), "grad_scaler": feed.precision.state_dict(),
                                   "torch_rng": torch.get_rng_state(),
                                   "stage": stage, "epoch": epoch, "best_auroc": best_auroc,
-                                  "best_epoch": best_epoch, "run_id": args.run_id},
+                                  "best_epoch": best_epoch, "run_id": args.run_id,
+                                  "dataset_dir": args.dataset, "dataset_version": args.dataset_version},
                                  self.run_dir / "checkpoint.pth")
                 hold_at(f"train:{stage}:{epoch}")  # fault tests: a rank is killed here
         model.load_state_dict(best_state)
@@ -179,7 +187,7 @@ class StageLoop:
         """A model checkpoint that training.predict and training.ensemble can use on their own."""
         return {"model": state, "stage": stage, "epoch": epoch, "val_mean_auroc": val_auroc,
                 "model_name": self.args.model, "dataset_spec": self.feed.spec.to_json(),
-                "inputs": self.feed.inputs.state()}
+                "dataset_version": self.args.dataset_version, "inputs": self.feed.inputs.state()}
 
     def keep_best_epochs(self, stage, entry) -> None:
         """Save this epoch's model as epoch_<stage>_<epoch>.pth and keep only the --keep-epochs

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import LABEL_MASK_COLUMN, DatasetSpec, read_dataset_spec, split_dir
 from cxr_pipeline.training import calibration, label_files
 from cxr_pipeline.training.label_files import Aligned
@@ -160,8 +161,9 @@ def main(argv=None) -> list[dict]:
         aligned = label_files.align(args.predictions, args.labels_csv, args.score_suffix)
         source, split = Path(args.labels_csv).name, "labels_csv"
     else:
-        aligned = from_dataset(pd.read_csv(args.predictions), Path(args.dataset), args.split)
-        source, split = read_dataset_spec(args.dataset).dataset, args.split
+        dataset = versions.resolve(args.dataset).path
+        aligned = from_dataset(pd.read_csv(args.predictions), dataset, args.split)
+        source, split = read_dataset_spec(dataset).dataset, args.split
     report = auroc_report(aligned.truth, aligned.scores, aligned.patient_ids, aligned.label_names, args.bootstrap,
                           args.seed)
     title = f"{Path(args.predictions).name} on {source} {split}"

@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import read_dataset_spec, split_dir
 from cxr_pipeline.training import predict
 from cxr_pipeline.training.data import METADATA_COLUMNS
@@ -79,7 +80,8 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--dataset", required=True, help="NIH dataset written by etl/preprocess.py (with _side/)")
     parser.add_argument("--overlay-dir", help="write each heatmap with its box drawn here")
     args = parser.parse_args(argv)
-    results = pointing_game(args.checkpoint, Path(args.dataset), Path(args.overlay_dir) if args.overlay_dir else None)
+    results = pointing_game(args.checkpoint, versions.resolve(args.dataset).path,
+                            Path(args.overlay_dir) if args.overlay_dir else None)
     print(f"pointing game: heatmap peak inside the box for {int(results['hit'].sum())} of {len(results)} boxes")
     for label, hits in results.groupby("label")["hit"]:
         print(f"  {label:<20} {int(hits.sum())}/{len(hits)}")

@@ -109,7 +109,7 @@ class RunOutputs:
                 "best_epoch": best_epoch, "world_size": self.dist.size, "backend": self.dist.name,
                 "data_wait_fraction": wait_fraction, "run_dir": str(self.run_dir.resolve()),
                 "model_config": json.dumps({key: getattr(args, key) for key in MODEL_CONFIG}),
-                "mlflow_run_id": self.tracker.run_id,
+                "mlflow_run_id": self.tracker.run_id, "dataset_version": args.dataset_version,
             })
         return rows
 

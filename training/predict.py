@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.images import ImageError, decode_resize
 from cxr_pipeline.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
 from cxr_pipeline.training import calibration, checkpoints
@@ -89,7 +90,8 @@ def load(checkpoint_path: str) -> Scorer:
 
 
 def is_dataset(path: Path) -> bool:
-    return path.is_dir() and (path / "_etl_summary.json").exists()
+    """An ETL output: a dataset root with versions, one version, or a plain dataset folder."""
+    return path.is_dir() and (versions.resolve(path).path / "_etl_summary.json").exists()
 
 
 def image_paths(arguments: list[str]) -> list[tuple[str, Path]]:
@@ -249,7 +251,7 @@ def main(argv=None) -> pd.DataFrame:
     if args.label and args.label not in scorer.spec.label_names:
         raise SystemExit(f"--label {args.label!r} is not one of {list(scorer.spec.label_names)}")
     if len(args.inputs) == 1 and is_dataset(Path(args.inputs[0])):
-        dataset = Path(args.inputs[0])
+        dataset = versions.resolve(args.inputs[0]).path
         stored_spec = read_dataset_spec(dataset)
         if stored_spec.image_size != scorer.spec.image_size or stored_spec.pixel_dtype != scorer.spec.pixel_dtype:
             raise SystemExit(f"{dataset} holds {stored_spec.image_size} px {stored_spec.pixel_dtype} pixels, the model "

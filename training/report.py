@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr_pipeline.training.results import latest_run, read_results
+from cxr_pipeline.training.results import dataset_version, latest_run, read_results
 
 DETAIL_COLUMNS = ["label", "auroc", "auroc_ci_low", "auroc_ci_high", "auroc_weighted", "n_pos", "n_neg",
                   "threshold", "accuracy", "precision", "recall", "specificity", "f1", "tp", "fp", "fn", "tn",
@@ -98,8 +98,9 @@ def comparison(results: pd.DataFrame) -> pd.DataFrame:
     """One row per run, stage and split: mean AUROC with its CI, best first."""
     means = results[results["label"] == "mean"].copy()
     means["created_at"] = pd.to_datetime(means["created_at"]).dt.strftime("%Y-%m-%d %H:%M")
-    columns = ["run_id", "created_at", "dataset", "image_size", "model", "stage", "split", "auroc", "auroc_ci_low",
-               "auroc_ci_high", "best_epoch", "world_size"]
+    means["dataset_version"] = [dataset_version(row) for _, row in means.iterrows()]
+    columns = ["run_id", "created_at", "dataset", "dataset_version", "image_size", "model", "stage", "split", "auroc",
+               "auroc_ci_low", "auroc_ci_high", "best_epoch", "world_size"]
     return means[columns].sort_values(["dataset", "split", "auroc"], ascending=[True, True, False])
 
 
@@ -112,9 +113,10 @@ def render(results: pd.DataFrame, run_id: str | None = None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Run {html.escape(first['run_id'])}</title>"
              f"<style>{STYLE}</style></head><body>",
              f"<h1>Run <code>{html.escape(first['run_id'])}</code></h1>",
-             f"<p>{html.escape(str(first['model']))} on {html.escape(str(first['dataset']))} at "
-             f"{int(first['image_size'])} px, {int(first['world_size'])} rank(s) ({html.escape(str(first['backend']))})"
-             f", written {html.escape(str(first['created_at']))}. Outputs: <code>{html.escape(str(run_dir))}</code></p>"]
+             f"<p>{html.escape(str(first['model']))} on {html.escape(str(first['dataset']))} (dataset version "
+             f"<code>{html.escape(dataset_version(first))}</code>) at "
+             f"{int(first['image_size'])} px, {int(first['world_size'])} rank(s) "
+             f"({html.escape(str(first['backend']))}), written {html.escape(str(first['created_at']))}. Outputs: <code>{html.escape(str(run_dir))}</code></p>"]
     config = first.get("model_config")
     if isinstance(config, str) and config:
         parts.append(f"<p>Training options: <code>{html.escape(json.dumps(json.loads(config)))}</code></p>")

@@ -65,6 +65,8 @@ RESULT_SCHEMA = pa.schema([
     # the MLflow run that logged this training run (training/tracking.py); null without MLflow and in rows
     # written before the column existed (appends merge it into older tables)
     ("mlflow_run_id", pa.string()),
+    # the ETL version the run read (etl/versions.py); null for a plain dataset folder and in older rows
+    ("dataset_version", pa.string()),
 ])
 ENGINES = ("auto", "deltalake", "delta-spark")
 NO_TABLE = "none"  # train.py --results-table none: the rows stay in RUN_DIR/auroc_rows.parquet
@@ -249,6 +251,12 @@ def read_run_rows(run_dir: Path) -> pd.DataFrame:
     """The rows of RUN_DIR/auroc_rows.parquet (empty when the run wrote none)."""
     path = Path(run_dir) / RUN_ROWS
     return pq.read_table(path, schema=RESULT_SCHEMA).to_pandas() if path.exists() else pd.DataFrame()
+
+
+def dataset_version(row) -> str:
+    """A result row's dataset version as people read it: rows of plain folders and from before versions say so."""
+    version = row.get("dataset_version")
+    return version if isinstance(version, str) and version else "none (plain folder or older row)"
 
 
 def latest_run(results: pd.DataFrame, run_id: str | None = None) -> pd.DataFrame:

@@ -10,7 +10,8 @@ import argparse
 
 import pandas as pd
 
-from cxr_pipeline.training.results import ENGINES, auroc_table, latest_run, read_results, table_history
+from cxr_pipeline.training.results import (ENGINES, auroc_table, dataset_version, latest_run, read_results,
+                                          table_history)
 
 
 def main(argv=None) -> None:
@@ -30,6 +31,7 @@ def main(argv=None) -> None:
     first = run.iloc[0]
     print(f"run {first.run_id}: {first.model} on {first.dataset} at {first.image_size}px, "
           f"{first.world_size} {first.backend} rank(s), created {first.created_at:%Y-%m-%d %H:%M:%S} UTC")
+    print(f"dataset read: ETL output {dataset_version(first)}")
     counts = run[run["stage"] == run["stage"].iloc[0]].pivot_table(index="label", columns="split",
                                                                   values="n_pos", aggfunc="first")
     table = auroc_table(run)

@@ -36,6 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_pipeline.config import dump_config, parse_args
+from cxr_pipeline.etl import versions
 from cxr_pipeline.training.report import STYLE, number_table, with_interval
 from cxr_pipeline.training.results import ENGINES, NO_TABLE, read_run_rows, write_results
 from cxr_pipeline.training.train import STAGES, new_run_id
@@ -148,10 +149,12 @@ def parse_datasets(values) -> dict[int, str]:
 
 
 def make_grid(args) -> list[Cell]:
-    """Models in the order given, sizes ascending."""
+    """Models in the order given, sizes ascending; every cell of a size reads the same dataset version (each
+    dataset's current version, resolved here once)."""
+    datasets = {size: str(versions.resolve(path).path) for size, path in parse_datasets(args.dataset).items()}
     cells = []
     for model in args.model:
-        for size, dataset in sorted(parse_datasets(args.dataset).items()):
+        for size, dataset in sorted(datasets.items()):
             name = run_id(args.sweep_id, model, size)
             cells.append(Cell(model, size, dataset, name, runs_dir(args.output_dir, args.sweep_id) / name,
                               Path(args.output_dir) / args.sweep_id / "logs" / f"{name}.log"))

@@ -201,6 +201,7 @@ class MlflowTracking:
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=args.run_id, tags={
                 RUN_TAG: args.run_id, RUN_DIR_TAG: str(run_dir.resolve()), "cxr_dataset": str(args.dataset),
+                "cxr_dataset_version": str(args.dataset_version),
                 "cxr_backend": dist.name, "cxr_world_size": str(dist.size)}).info.run_id
             self.log_parameters(vars(args))
             self.log_environment()
@@ -289,7 +290,8 @@ class MlflowTracking:
             mlflow.set_registry_uri(self.registry_uri)
         with mlflow.start_run(run_id=self.run_id):
             info = serving.log_model(checkpoint, registered_model_name=self.args.register_model,
-                                     tags={RUN_TAG: self.args.run_id, "checkpoint": checkpoint.name})
+                                     tags={RUN_TAG: self.args.run_id, "checkpoint": checkpoint.name,
+                                           "dataset_version": str(self.args.dataset_version)})
         self.client.set_tag(self.run_id, "cxr_model_uri", info.model_uri)
         registered = getattr(info, "registered_model_version", None)
         log.info("MLflow model %s%s", info.model_uri,

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from cxr_pipeline.config import dump_config, parse_args
+from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import read_dataset_spec
 from cxr_pipeline.training import calibration, checkpoints, distributed, tracking
 from cxr_pipeline.training.augment import Augmentation
-from cxr_pipeline.training.data import label_table, split_row_groups
+from cxr_pipeline.training.data import label_table
 from cxr_pipeline.training.epochs import STAGES, StageLoop
 from cxr_pipeline.training.evaluation import Feed, predict_for_report
 from cxr_pipeline.training.inputs import NORMALISATIONS, InputTransform
@@ -46,7 +47,8 @@ DEFAULT_OPERATING_POINT = "sens>=0.95"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and outputs")
-    data.add_argument("--dataset", help="folder written by etl/preprocess.py (its --output)")
+    data.add_argument("--dataset", help="folder written by etl/preprocess.py (its --output): its current version is "
+                                        "resolved once at the start and recorded; name ROOT/_versions/ID to pin one")
     data.add_argument("--output-dir", default="outputs/runs",
                       help="runs go to OUTPUT_DIR/RUN_ID (default outputs/runs)")
     data.add_argument("--results-table", default="outputs/results_delta",
@@ -150,16 +152,32 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
+def resolve_dataset(args, resume: dict | None, dist: distributed.Single) -> None:
+    """Point args.dataset at the one dataset version this run reads, the same on every rank (rank 0 resolves
+    the current version, or a resumed run reads the version it started on), and record it."""
+    if resume and resume.get("dataset_dir"):
+        args.dataset, args.dataset_version = resume["dataset_dir"], resume.get("dataset_version")
+        if not Path(args.dataset).is_dir():
+            raise SystemExit(f"--resume: the run read dataset version {args.dataset_version} at {args.dataset}, "
+                             "which is gone (pruned?); restore it or start a new run")
+        return
+    try:
+        resolved = versions.resolve(args.dataset) if dist.is_main else None
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"--dataset: {exc}") from None
+    # In a list on every rank: Horovod names the collective after the object's type, which must match.
+    resolved = dist.allgather_object([resolved])[0][0]
+    args.dataset, args.dataset_version = str(resolved.path), resolved.version
+    if dist.is_main:
+        versions.record_reader(resolved, args.run_id)
+
+
 def prepare(args, dist: distributed.Single, policies: list[Policy]) -> tuple[Feed, StageLoop, RunOutputs]:
     """Check the options against the dataset, then build how batches reach the model, the epoch loop and
     the run's outputs (which start the MLflow run on rank 0)."""
     spec = read_dataset_spec(args.dataset)
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     precision = Precision(args.amp, args.channels_last, device)
-    groups = split_row_groups(args.dataset, "train")
-    if groups < dist.size:
-        raise SystemExit(f"the train split has {groups} row groups but {dist.size} ranks; rerun the ETL "
-                         "with a smaller --rows-per-file so every rank gets data")
     layout = LabelLayout(spec)
     try:
         inputs = InputTransform.for_dataset(args.dataset, spec, args.normalisation, args.eval_resize, args.eval_crop)
@@ -181,14 +199,13 @@ def prepare(args, dist: distributed.Single, policies: list[Policy]) -> tuple[Fee
     if args.augment_minority_only and not (oversampler and augmentation):
         raise SystemExit("--augment-minority-only needs --oversample (which says what the minority is) and "
                          "--augment (what to do to it)")
-    train_rows_per_epoch = int(oversampler.row_factors(train_labels).sum()) if oversampler else len(train_labels)
     loss_fn = LabelLoss(layout, args.loss, weight if args.loss == "pos-weighted" else None).to(device)
     run_dir = Path(args.output_dir) / args.run_id
     feed = Feed(args.dataset, spec, layout, dist, args.batch_size, args.reader_pool, args.reader_workers, device,
                 inputs, precision, loss_fn, fused)
     outputs = RunOutputs(args, dist, spec, run_dir, policies,
                          tracking.start(args, run_dir, spec, dist))  # MLflow on rank 0, else a no-op
-    return feed, StageLoop(args, feed, oversampler, augmentation, train_rows_per_epoch, run_dir, outputs), outputs
+    return feed, StageLoop(args, feed, oversampler, augmentation, run_dir, outputs), outputs
 
 
 def main(argv=None) -> None:
@@ -216,14 +233,16 @@ def main(argv=None) -> None:
     except checkpoints.CheckpointError as exc:
         raise SystemExit(f"--resume: {exc}") from None
     args.run_id = resume["run_id"] if resume else dist.allgather_object(args.run_id or new_run_id())[0]
+    resolve_dataset(args, resume, dist)
     torch.manual_seed(args.seed)
     feed, loop, outputs = prepare(args, dist, policies)
     run_dir = outputs.run_dir
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(args, run_dir / "config.yaml")
-    log.info("run %s: %s on %s (%d labels, %d px), stages %s, %d %s rank(s), outputs in %s", args.run_id, args.model,
-             args.dataset, feed.spec.num_labels, feed.spec.image_size, stages, dist.size, dist.name, run_dir)
+    log.info("run %s: %s on %s (version %s; %d labels, %d px), stages %s, %d %s rank(s), outputs in %s",
+             args.run_id, args.model, args.dataset, args.dataset_version or "none: a plain folder",
+             feed.spec.num_labels, feed.spec.image_size, stages, dist.size, dist.name, run_dir)
     state = None
     for stage in stages:
         if resume and stages.index(stage) < stages.index(resume["stage"]):

@@ -20,6 +20,8 @@ LABEL_NAMES_WITH_NO_FINDING = LABEL_NAMES + (NO_FINDING,)
 # BBox_List_2017.csv names Infiltration "Infiltrate".
 BBOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 BBOX_COLUMNS = ["image_id", "label", "x", "y", "width", "height"]
+# The label table's columns build_manifest reads (Data_Entry_2017*.csv has 11).
+LABEL_TABLE_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position")
 MAX_PLAUSIBLE_AGE = 120  # the 2017 release has a few ages up to 414 (fixed in 2020): data errors, stored as null
 
 
@@ -48,21 +50,33 @@ def parse_labels(findings: pd.Series, no_finding_class: bool = False) -> tuple[p
     """'A|B' strings -> (multi-hot lists in LABEL_NAMES order, unknown label names or '').
     With `no_finding_class` the lists have a 15th entry, 1 when none of the 14 is set."""
     position = {name: i for i, name in enumerate(LABEL_NAMES)}
+    # Parsed once per distinct text (NIH has about 800): rows with the same findings share one list, which
+    # keeps a million-row manifest's labels at a pointer per row. The lists are read, never changed in place.
+    parsed: dict[str, tuple[list[float], str]] = {}
     vectors, unknown = [], []
     for text in findings.fillna(""):
-        names = [name.strip() for name in text.split("|") if name.strip() and name.strip() != NO_FINDING]
-        vector = [0.0] * len(LABEL_NAMES)
-        bad = []
-        for name in names:
-            if name in position:
-                vector[position[name]] = 1.0
-            else:
-                bad.append(name)
-        if no_finding_class:
-            vector.append(0.0 if any(vector) else 1.0)
+        if text not in parsed:
+            names = [name.strip() for name in text.split("|") if name.strip() and name.strip() != NO_FINDING]
+            vector = [0.0] * len(LABEL_NAMES)
+            bad = []
+            for name in names:
+                if name in position:
+                    vector[position[name]] = 1.0
+                else:
+                    bad.append(name)
+            if no_finding_class:
+                vector.append(0.0 if any(vector) else 1.0)
+            parsed[text] = (vector, "|".join(bad))
+        vector, bad_names = parsed[text]
         vectors.append(vector)
-        unknown.append("|".join(bad))
+        unknown.append(bad_names)
     return pd.Series(vectors, index=findings.index), pd.Series(unknown, index=findings.index)
+
+
+def stripped_upper(values: pd.Series) -> pd.Series:
+    """values.str.strip().str.upper() with one string per distinct value (not one per row); nulls stay null."""
+    mapping = {value: value.strip().upper() for value in values.unique() if isinstance(value, str)}
+    return values.map(mapping).astype(object, copy=False)  # object even when every value is null, as .str gives
 
 
 def parse_age(ages: pd.Series) -> pd.Series:
@@ -88,7 +102,8 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None, 
     """`check_images=False` keeps rows whose image file is absent (label-only analyses:
     etl/explore.py, etl/subsets.py); the ETL always checks."""
     data_root = Path(data_root)
-    table = pd.read_csv(labels_csv or find_labels_csv(data_root), dtype=str, keep_default_na=False)
+    table = pd.read_csv(labels_csv or find_labels_csv(data_root), dtype=str, keep_default_na=False,
+                        usecols=lambda column: column in LABEL_TABLE_COLUMNS)  # the rest is never read
     table["source_row"] = range(1, len(table) + 1)  # 1-based data row, header excluded
     index, ambiguous = index_images(data_root, (".png",))
     official = read_official_lists(data_root)
@@ -101,8 +116,8 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None, 
         "source_row": table["source_row"],
         "labels": labels,
         "age": parse_age(table["Patient Age"]),
-        "sex": table["Patient Gender"].str.strip().str.upper().where(lambda s: s.isin(["M", "F"])),
-        "view_position": table["View Position"].str.strip().str.upper(),
+        "sex": stripped_upper(table["Patient Gender"]).where(lambda s: s.isin(["M", "F"])),
+        "view_position": stripped_upper(table["View Position"]),
         "official_split": table["Image Index"].map(official) if official else None,
     })[MANIFEST_COLUMNS]
 
@@ -111,7 +126,7 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None, 
     checks = [
         (rows["official_split"].isna() if official else None, "not_in_official_lists",
          "image is in neither train_val_list.txt nor test_list.txt"),
-        (unknown != "", "unknown_label", "unknown label(s): " + unknown),
+        (unknown != "", "unknown_label", "unknown label(s): " + unknown.where(unknown != "")),  # no string per good row
         (rows["image_id"].isin(ambiguous), "ambiguous_file", "more than one file with this name below the data root"),
         (rows["source_path"].isna() if check_images else None, "image_missing",
          "image file not found below " + str(data_root)),
@@ -133,9 +148,10 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None, 
     rejects += [
         {"image_id": name, "source_path": path, "source_row": None, "reason": "unlisted_image",
          "detail": "image file below the data root has no row in the label table"}
-        for name, path in sorted(index.items()) if name not in listed
+        for name, path in sorted((name, path) for name, path in index.items() if name not in listed)
     ]
     warnings = field_warnings(table, rows)
+    del table, index, listed, checks, reasons, details  # freed before the kept rows are copied (driver peak memory)
     label_names = LABEL_NAMES_WITH_NO_FINDING if no_finding_class else LABEL_NAMES
     return Manifest(DATASET, label_names, rows[~bad].reset_index(drop=True), rejects_frame(rejects),
                     warnings[warnings["image_id"].isin(rows.loc[~bad, "image_id"])].reset_index(drop=True))
