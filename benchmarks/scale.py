@@ -21,7 +21,8 @@
    symlinks, the label parsing, the path checks), splits, the patient check, the manifest into Spark as
    the ETL moves it (written to Parquet by the driver, read by Spark) and its shuffle by patient (a no-op
    write), the driver's Python and JVM heap peaks; footer reads of a dataset of as many files as the ETL
-   would write (hard links to one real file: page cache, no network). `--only probes` runs these probes
+   would write (hard links to one real file: page cache, no network), and the image_id column of every train
+   file that each loader rank reads once to plan its share. `--only probes` runs these probes
    and nothing else (no ETL, loader or footer reads; table in WORK/scale_probes.json).
 5. Growth: the log-log slope of each step's seconds (CPU seconds where measured) and of peak memory
    between the two largest sizes measured, flagged above 1.15; the ETL's CPU seconds extrapolated to
@@ -503,11 +504,13 @@ def files_written(rows: int, layout: dict, layout_rows: int) -> dict:
     return {split: max(1, round(layout[split]["files"] / measured * partitions)) for split in SPLITS}
 
 
-def footer_probe(template: Path, files: dict, work: Path, world: int) -> dict:
+def footer_probe(template: Path, files: dict, work: Path) -> dict:
     """A dataset of `files[split]` hard links per split to one real file of each split; the reads of
-    every footer that the ETL (row counts, written_rows) and each loader rank (Petastorm) make."""
+    every footer that the ETL (row counts, written_rows) makes, and the image_id column of every train file
+    that each loader rank reads once (training/shards.py; the links repeat ids, so it is read here without
+    the index's uniqueness check)."""
     from cxr_pipeline.etl.preprocess import written_rows
-    from cxr_pipeline.training.data import SplitReader, split_row_count
+    from cxr_pipeline.training.data import split_row_count
 
     dataset = fresh(work / "footer_probe")
     for split, count in files.items():
@@ -517,11 +520,11 @@ def footer_probe(template: Path, files: dict, work: Path, world: int) -> dict:
         for index in range(count):
             os.link(source, folder / f"part-{index:05d}.parquet")
     clock = Stopwatch()
-    spec = clock("read_dataset_spec", read_dataset_spec, dataset)
+    clock("read_dataset_spec", read_dataset_spec, dataset)
     clock("split_row_count", lambda: [split_row_count(dataset, split) for split in SPLITS])
     clock("written_rows", written_rows, dataset)
-    reader = SplitReader(dataset, "train", spec, BATCH, 0, world, full_batches=True)
-    clock("petastorm_first_batch", lambda: next(iter(reader)))
+    clock("loader_index", lambda: [pq.read_table(path, columns=["image_id"])
+                                   for path in sorted(split_dir(dataset, "train").glob("*.parquet"))])
     shutil.rmtree(dataset)
     return {"files": sum(files.values()), "train_files": files["train"], "seconds": clock.seconds, "cpu": clock.cpu}
 
@@ -690,7 +693,7 @@ def report(result: dict) -> None:
         add(name, measured, **options)
     footers = {f["rows"]: f for f in result["footers"]}
     add("files written (all splits)", {n: f["files"] for n, f in footers.items()}, digits=0, seconds=False)
-    for piece in ("split_row_count", "written_rows", "petastorm_first_batch"):
+    for piece in ("split_row_count", "written_rows", "loader_index"):
         if all("cpu" in f for f in footers.values()):
             add(f"footers {piece}, CPU s", {n: f["cpu"][piece] for n, f in footers.items()}, digits=2)
         else:
@@ -830,7 +833,7 @@ def main(argv=None) -> None:
         if sizes:  # the footer probe copies a file of the largest ETL dataset
             files = files_written(rows, layout, sizes[-1])
             progress(f"footer probe: {sum(files.values()):,} files ({files})...")
-            footers = footer_probe(dataset, files, work, max(int(n) for n in args.ranks.split(",")))
+            footers = footer_probe(dataset, files, work)
             result["footers"].append({"rows": rows, **footers})
             progress(f"  {fmt_seconds(footers['seconds'])}")
         if rows not in sizes:

@@ -109,7 +109,11 @@ def commit(root: Path, version: str, info: dict) -> Path:
                                                 default=str))
     pointer = root / f"{CURRENT}{TEMPORARY_MARK}{secrets.token_hex(4)}"
     pointer.write_text(json.dumps({"version": version, "since": committed}))
-    os.replace(pointer, root / CURRENT)  # atomic on a POSIX file system: the old version or the new one
+    try:
+        os.replace(pointer, root / CURRENT)  # atomic on a POSIX file system: the old version or the new one
+    except OSError:  # a mount without rename (FUSE over object storage): one whole-object write instead
+        (root / CURRENT).write_text(pointer.read_text())
+        pointer.unlink()
     return path
 
 

@@ -1,7 +1,7 @@
 """Which rows each rank reads in one pass over a split: every row once, at any number of ranks.
 
 Petastorm deals whole row groups to ranks (row group i to rank i mod N), and the ETL's row groups are
-unequal (one per Parquet file, cut wherever a Spark partition's rows end): with 4 ranks that stop together
+unequal (a file ends wherever a Spark partition's rows end): with 4 ranks that stop together
 when the first runs out, a fifth of an epoch's rows went unread. Here every rank lays out the same
 sequence of the split's rows instead (files in a seeded order, each file's rows in stored order, each
 repeated by its oversampling copies) and takes one contiguous slice of it, so the shares differ by at most
@@ -41,8 +41,9 @@ class SplitIndex:
     def labels(self) -> np.ndarray:
         """(rows, L) labels, for the oversampler's copies."""
         tables = [pq.read_table(path, columns=["labels"]).column("labels").combine_chunks() for path in self.files]
-        width = len(tables[0][0]) if tables and len(tables[0]) else 0
-        return np.concatenate([np.asarray(t.flatten(), dtype=np.float64).reshape(-1, width) for t in tables])
+        width = next((len(table[0]) for table in tables if len(table)), 0)
+        return np.concatenate([np.asarray(t.flatten(), dtype=np.float64).reshape(-1, width) for t in tables]
+                              or [np.zeros((0, width))])
 
 
 @functools.lru_cache(maxsize=8)
