@@ -5,7 +5,7 @@ os.mkfifo), a job that reaches the point NAME writes its pid into PIPE, which wa
 blocked reading it, then blocks until the test opens PIPE for writing and closes it. No side
 polls: each waits in open()/read(). Without the variable a point does nothing. Points:
 
-- `etl:before-commit`: the dataset is complete in its staging folder, not yet renamed into place.
+- `etl:before-commit`: the version is written in full, not yet sealed (no `_version.json`) nor current.
 - `train:<stage>:<epoch>`: rank 0 has saved checkpoint.pth after that epoch.
 """
 from __future__ import annotations

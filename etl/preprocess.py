@@ -341,7 +341,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, table in extra_tables.items():  # e.g. NIH bounding boxes, for localisation checks
             (staging / "_side").mkdir(exist_ok=True)
             pq.write_table(pa.Table.from_pandas(table, preserve_index=False), staging / "_side" / f"{name}.parquet")
-        hold_at("etl:before-commit")  # fault tests: killed here, nothing may appear at OUTPUT
+        hold_at("etl:before-commit")  # fault tests: killed here, nothing may become current at OUTPUT
         committed = versions.commit(output, version, {
             "created": created.isoformat(), "dataset": spec.dataset, "image_size": spec.image_size,
             "rows_written": summary["rows_written"], "rows_quarantined": summary["rows_quarantined"],
