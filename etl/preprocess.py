@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "Petastorm shards across training ranks (default 256)")
     parser.add_argument("--max-bad-fraction", type=float, default=0.05,
                         help="fail the job when more than this fraction of rows is quarantined "
-                             "(default 0.05; the output is still written for inspection)")
+                             "(default 0.05; the version is still written for inspection, not made current)")
     parser.add_argument("--overwrite", action="store_true",
                         help="--output holds a dataset: write a new version and make it current (runs reading "
                              "the old one keep it)")
@@ -341,24 +341,27 @@ def run(args: argparse.Namespace) -> dict:
         for name, table in extra_tables.items():  # e.g. NIH bounding boxes, for localisation checks
             (staging / "_side").mkdir(exist_ok=True)
             pq.write_table(pa.Table.from_pandas(table, preserve_index=False), staging / "_side" / f"{name}.parquet")
+        bad_fraction = summary["rows_quarantined"] / max(summary["rows_read"], 1)
+        accepted = bad_fraction <= args.max_bad_fraction
         hold_at("etl:before-commit")  # fault tests: killed here, nothing may become current at OUTPUT
         committed = versions.commit(output, version, {
             "created": created.isoformat(), "dataset": spec.dataset, "image_size": spec.image_size,
             "rows_written": summary["rows_written"], "rows_quarantined": summary["rows_quarantined"],
-            "etl_config": vars(args)})
+            "etl_config": vars(args)}, make_current=accepted)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("committed version %s of %s (quarantine: %s)", version, output,
+    log.info("committed version %s of %s%s (quarantine: %s)", version, output, "" if accepted else ", not current",
              committed / "_quarantine" / "rejects.parquet")
     pruned = versions.prune(output, args.keep_days)
     log.info("versions: %d pruned (%s), %d kept (python -m etl.versions list %s)", len(pruned),
              ", ".join(pruned) or "none older than --keep-days", len(versions.list_versions(output)), output)
-    bad_fraction = summary["rows_quarantined"] / max(summary["rows_read"], 1)
-    if bad_fraction > args.max_bad_fraction:
+    if not accepted:
         raise SystemExit(
             f"{bad_fraction:.1%} of rows were quarantined (limit --max-bad-fraction {args.max_bad_fraction}): "
-            f"{summary['quarantined_by_reason']}; see {committed / '_quarantine' / 'rejects.parquet'}"
+            f"{summary['quarantined_by_reason']}; see {committed / '_quarantine' / 'rejects.parquet'}. Version "
+            f"{version} is kept for inspection but not made current: training still reads "
+            f"{versions.current_id(output) or 'no version'}"
         )
     return summary
 

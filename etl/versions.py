@@ -79,12 +79,12 @@ def complete_versions(root: Path) -> list[Path]:
 
 
 def current_id(root: Path) -> str | None:
-    """The version _current.json names; without one, the complete version committed last."""
+    """The version _current.json names; without one, the complete version last made current."""
     if (root / CURRENT).exists():
         return json.loads((root / CURRENT).read_text())["version"]
-    committed = {path.name: json.loads((path / VERSION_FILE).read_text())["committed"]
-                 for path in complete_versions(root)}
-    return max(committed, key=lambda name: datetime.fromisoformat(committed[name])) if committed else None
+    infos = [json.loads((path / VERSION_FILE).read_text()) for path in complete_versions(root)]
+    made = [info for info in infos if info.get("made_current", True)]
+    return max(made, key=lambda info: datetime.fromisoformat(info["committed"]))["id"] if made else None
 
 
 def has_data(folder: Path) -> bool:
@@ -101,12 +101,15 @@ def new_version(root: Path) -> tuple[str, Path]:
     return version, root / VERSIONS / version
 
 
-def commit(root: Path, version: str, info: dict) -> Path:
-    """Seal version `version` (its _version.json written last), then make it current."""
+def commit(root: Path, version: str, info: dict, make_current: bool = True) -> Path:
+    """Seal version `version` (its _version.json written last), then make it current (unless not
+    `make_current`: a version kept for inspection that training never picks up)."""
     committed = now_utc().isoformat()
     path = root / VERSIONS / version
-    (path / VERSION_FILE).write_text(json.dumps({"id": version, "committed": committed, **info}, indent=2,
-                                                default=str))
+    (path / VERSION_FILE).write_text(json.dumps({"id": version, "committed": committed, "made_current": make_current,
+                                                **info}, indent=2, default=str))
+    if not make_current:
+        return path
     pointer = root / f"{CURRENT}{TEMPORARY_MARK}{secrets.token_hex(4)}"
     pointer.write_text(json.dumps({"version": version, "since": committed}))
     try:
@@ -167,7 +170,8 @@ def list_versions(root: Path, keep_days: float = DEFAULT_KEEP_DAYS, now: datetim
     versions.sort(key=lambda v: v.committed)
     window = now - timedelta(days=keep_days)
     recent = [r for r in read_readers(root) if datetime.fromisoformat(r["started"]) >= window]
-    for older, newer in zip(versions, versions[1:]):
+    made_current = [version for version in versions if version.info.get("made_current", True)]
+    for older, newer in zip(made_current, made_current[1:]):
         older.superseded = newer.committed
     for version in versions:
         version.current = version.id == current or (current is None and version.id == LEGACY)
@@ -178,6 +182,8 @@ def list_versions(root: Path, keep_days: float = DEFAULT_KEEP_DAYS, now: datetim
 def keep_reason(version: Version, keep_days: float, now: datetime) -> str | None:
     if version.current:
         return "current"
+    if not version.info.get("made_current", True) and version.committed >= now - timedelta(days=keep_days):
+        return f"never made current (kept for inspection), written within {keep_days:g} days"
     if version.superseded and version.superseded >= now - timedelta(days=keep_days):
         return f"current until {version.superseded:%Y-%m-%d %H:%M} UTC, within {keep_days:g} days"
     if version.readers:

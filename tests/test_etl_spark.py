@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import NIH, current, require, spark_etl
+from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.images import decode_resize
 from cxr_pipeline.schema import read_dataset_spec
 from cxr_pipeline.etl.sources.nih import LABEL_NAMES
@@ -69,13 +70,16 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_reconcile(tmp_path):
     assert rejects.loc[names[5], "source_row"] == 6
 
 
-def test_too_many_bad_rows_fail_the_job_but_keep_the_output(tmp_path):
+def test_too_many_bad_rows_fail_the_job_and_keep_a_version_training_never_reads(tmp_path):
     images = require(NIH / "images")
     root = tmp_path / "nih"
     (root / "images").mkdir(parents=True)
     shutil.copy(images / "00000075_000.png", root / "images")
     pd.read_csv(NIH / "Data_Entry_sample.csv").to_csv(root / "Data_Entry_2017.csv", index=False)
     output = tmp_path / "out"
-    with pytest.raises(pytest.fail.Exception, match="99.0% of rows were quarantined"):
+    with pytest.raises(pytest.fail.Exception, match="(?s)99.0% of rows were quarantined.*not made current"):
         spark_etl("--source", "nih", "--data-root", root, "--output", output, "--size", 64)
-    assert json.loads((current(output) / "_etl_summary.json").read_text())["rows_quarantined"] == 99
+    (kept,) = versions.list_versions(output)  # written for inspection, never what training reads
+    assert not kept.current and versions.resolve(output).version is None
+    assert json.loads((kept.path / "_etl_summary.json").read_text())["rows_quarantined"] == 99
+    assert versions.prune(output) == [] and versions.prune(output, keep_days=0, dry_run=True) == [kept.id]

@@ -123,3 +123,18 @@ def test_only_complete_versions_are_read_and_a_missing_pointer_falls_back_to_the
     (root / versions.CURRENT).write_text(json.dumps({"version": "gone"}))
     with pytest.raises(FileNotFoundError, match="names version gone"):
         versions.resolve(root)
+
+
+def test_a_version_held_back_is_kept_for_inspection_and_never_read(tmp_path):
+    root = tmp_path / "dataset"
+    good = add_version(root, versions.now_utc() - timedelta(days=3))
+    version, folder = versions.new_version(root)
+    (folder / "split=train").mkdir(parents=True)
+    versions.commit(root, version, {}, make_current=False)  # e.g. past --max-bad-fraction
+    assert versions.resolve(root).version == good
+    (root / versions.CURRENT).unlink()
+    assert versions.resolve(root).version == good  # the fallback skips it too
+    listed = {v.id: v for v in versions.list_versions(root)}
+    assert listed[good].current and listed[good].superseded is None
+    assert "inspection" in versions.keep_reason(listed[version], 14, versions.now_utc())
+    assert versions.prune(root, now=versions.now_utc() + timedelta(days=30)) == [version]
