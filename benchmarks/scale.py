@@ -338,7 +338,8 @@ def rank_pass(dataset: str, rank: int, world: int, barrier, results) -> None:
                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
 
 
-def loader_pass(dataset: Path, world: int) -> dict:
+def loader_pass(dataset: Path, world: int, train_rows: int) -> dict:
+    """One pass of `world` ranks over split=train, of `train_rows` rows (file_layout's count)."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(world), context.Queue()
     workers = [context.Process(target=rank_pass, args=(str(dataset), rank, world, barrier, results))
@@ -352,7 +353,6 @@ def loader_pass(dataset: Path, world: int) -> dict:
     steps = min(r["full_batches"] for r in ranks)  # train_one_epoch stops all ranks at the same step
     start = min(r["started"] for r in ranks)
     seen = collections.Counter(i for r in ranks for i in r.pop("image_ids")[:steps * BATCH])
-    train_rows = layout_rows(dataset)
     for r in ranks:
         r["seconds"] = r["ended"] - r["started"]
         r["rows_per_s"] = r["rows"] / r["seconds"]
@@ -362,11 +362,6 @@ def loader_pass(dataset: Path, world: int) -> dict:
             "rows_per_s": sum(r["rows"] for r in ranks) / wall, "train_rows": train_rows,
             "unread": train_rows - len(seen), "repeated": sum(seen.values()) - len(seen)}
 
-
-def layout_rows(dataset: Path) -> int:
-    from cxr_pipeline.training.data import split_row_count
-
-    return split_row_count(dataset, "train")
 
 
 # ---------------------------------------------------------------- 4. driver-only probes
@@ -814,7 +809,7 @@ def main(argv=None) -> None:
     dataset = versions.resolve(work / f"nih_{sizes[-1]}_{SIZE}").path if sizes else None
     for world in (int(n) for n in args.ranks.split(",")) if sizes else ():
         progress(f"loader: one pass of split=train with {world} ranks...")
-        run = loader_pass(dataset, world)
+        run = loader_pass(dataset, world, result["layout"][sizes[-1]]["train"]["rows"])
         result["loader"].append(run)
         progress(f"  steps {run['steps']}, rows/s {run['rows_per_s']:.0f}, rows per rank "
                  f"{[r['rows'] for r in run['ranks']]}, row groups {[r['row_groups'] for r in run['ranks']]}")
