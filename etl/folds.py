@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -34,15 +33,9 @@ def write_fold(dataset: str | Path, fold: int, output: str | Path, overwrite: bo
         raise ValueError(f"--fold must be in 0..{spec.folds - 1} for {dataset}, got {fold}")
     if versions.has_data(output) and not overwrite:
         raise FileExistsError(f"{output} holds a dataset; pass --overwrite to write a new version of it")
-    version, staging = versions.new_version(output)
     rows = {"train": 0, "val": 0, "test": 0}
-    try:
-        staging.mkdir()
-        for entry in sorted(dataset.iterdir()):
-            if entry.name in {f"split={split}" for split in TRAIN_VAL} | {versions.VERSION_FILE}:
-                continue
-            copy = shutil.copytree if entry.is_dir() else shutil.copy2  # test split, quarantine, summary
-            copy(entry, staging / entry.name)
+    with versions.writing(output) as (version, staging):
+        versions.copy_unchanged(dataset, staging, {f"split={split}" for split in TRAIN_VAL})
         rows["test"] = sum(pq.ParquetFile(f).metadata.num_rows for f in split_dir(staging, "test").glob("*.parquet"))
         for split in TRAIN_VAL:
             split_dir(staging, split).mkdir()
@@ -63,9 +56,6 @@ def write_fold(dataset: str | Path, fold: int, output: str | Path, overwrite: bo
         (staging / "_fold.json").write_text(json.dumps(summary, indent=2))
         versions.commit(output, version, {"created": versions.now_utc().isoformat(), "derived_from": summary,
                                           "rows_written": rows})
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
 
 

@@ -42,6 +42,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from cxr_pipeline.etl.dicom_images import decode_resize_dicom, is_dicom
 from cxr_pipeline.etl.pixels import MAX_PIXELS, SIXTEEN_BIT_GREY, ImageError, stretch_to_u8, to_grey_u8
 
 try:
@@ -167,8 +168,7 @@ def decode_resize(data: bytes, size: int, decoder: str | None = None) -> np.ndar
     chosen = choose_decoder(decoder)
     if not data:
         raise ImageError("empty_file", "file has zero bytes")
-    if data[128:132] == b"DICM":  # DICOM Part 10: its window and photometry need pydicom
-        from cxr_pipeline.etl.dicom_images import decode_resize_dicom
+    if is_dicom(data):  # DICOM Part 10: its window and photometry need pydicom
         return decode_resize_dicom(data, size)
     image = open_checked(data)
     if chosen == "opencv":

@@ -3,7 +3,7 @@
 The ETL computes it after writing, from the stored uint8 pixels of `split=train` only (val and
 test never leak into it), together with the standard deviation of all train pixels around it,
 and writes both to `<dataset>/_mean_image.npz`. Training selects it with
-`--normalisation mean-image` (training/inputs.py): x -> (x - mean image) / std, on [0, 1] pixels.
+`--normalisation mean-image` (training/data/inputs.py): x -> (x - mean image) / std, on [0, 1] pixels.
 """
 from __future__ import annotations
 

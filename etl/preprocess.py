@@ -289,8 +289,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(str(exc)) from None
     spec = DatasetSpec(manifest.dataset, manifest.label_names, args.size, args.dtype, **spec_label_fields(manifest),
                        folds=args.folds or 0, decoder=decoder)
-    version, staging = versions.new_version(output)
-    try:
+    with versions.writing(output) as (version, staging):
         if len(rows):
             started = time.perf_counter()
             spark = spark_session(args.master)
@@ -348,9 +347,6 @@ def run(args: argparse.Namespace) -> dict:
             "created": created.isoformat(), "dataset": spec.dataset, "image_size": spec.image_size,
             "rows_written": summary["rows_written"], "rows_quarantined": summary["rows_quarantined"],
             "etl_config": vars(args)}, make_current=accepted)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("committed version %s of %s%s (quarantine: %s)", version, output, "" if accepted else ", not current",
              committed / "_quarantine" / "rejects.parquet")
     pruned = versions.prune(output, args.keep_days)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 from cxr_pipeline.etl import versions
-from cxr_pipeline.schema import LABEL_MASK_COLUMN, MULTICLASS_POLICY, read_dataset_spec
 from cxr_pipeline.etl.sources.manifest import Manifest
+from cxr_pipeline.schema import LABEL_MASK_COLUMN, MULTICLASS_POLICY, read_dataset_spec
 
 U_ZEROS, U_ONES, U_IGNORE, U_SELFTRAINED = "U-Zeros", "U-Ones", "U-Ignore", "U-SelfTrained"
 U_MULTICLASS = MULTICLASS_POLICY
@@ -194,17 +193,9 @@ def relabel_dataset(dataset: str | Path, prediction_csvs: Sequence[str | Path], 
     if versions.has_data(output) and not overwrite:
         raise FileExistsError(f"{output} holds a dataset; pass --overwrite to write a new version of it")
     predictions = read_predictions(prediction_csvs, spec.label_names)
-    version, staging = versions.new_version(output)
     relabelled = {name: 0 for name, chosen in zip(spec.label_names, relabel_columns) if chosen}
-    try:
-        staging.mkdir()
-        for entry in sorted(dataset.iterdir()):
-            if entry.name.startswith("split=") or entry.name == versions.VERSION_FILE:
-                continue
-            if entry.is_dir():  # quarantine, side tables
-                shutil.copytree(entry, staging / entry.name)
-            else:  # summary, config
-                shutil.copy2(entry, staging / entry.name)
+    with versions.writing(output) as (version, staging):
+        versions.copy_unchanged(dataset, staging, {folder.name for folder in dataset.glob("split=*")})
         for split_folder in sorted(dataset.glob("split=*")):
             (staging / split_folder.name).mkdir()
             relabel_here = split_folder.name in {f"split={split}" for split in splits}
@@ -224,9 +215,6 @@ def relabel_dataset(dataset: str | Path, prediction_csvs: Sequence[str | Path], 
                    "entries_relabelled": relabelled}
         (staging / "_relabel.json").write_text(json.dumps(summary, indent=2))
         versions.commit(output, version, {"created": versions.now_utc().isoformat(), "derived_from": summary})
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
 
 

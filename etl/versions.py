@@ -25,6 +25,7 @@ Names start with "_" so that Spark and pyarrow, reading the root as a dataset, n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator
 
 log = logging.getLogger("etl")
 VERSIONS = "_versions"
@@ -99,6 +101,27 @@ def new_version(root: Path) -> tuple[str, Path]:
     version = now_utc().strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
     (root / VERSIONS).mkdir(parents=True, exist_ok=True)
     return version, root / VERSIONS / version
+
+
+@contextlib.contextmanager
+def writing(root: Path) -> Iterator[tuple[str, Path]]:
+    """A new version's id and folder to write, then :func:`commit` inside the block; a block that fails
+    removes the folder, so no half-written version is left (one killed outright is pruned as incomplete)."""
+    version, folder = new_version(root)
+    try:
+        yield version, folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def copy_unchanged(source: Path, folder: Path, rewritten: set[str]) -> None:
+    """Create `folder`, a version derived from the version `source`, with a copy of every entry of `source`
+    but the `rewritten` ones and its seal: the splits left as they are, quarantine, side tables, summaries."""
+    folder.mkdir()
+    for entry in sorted(source.iterdir()):
+        if entry.name not in rewritten | {VERSION_FILE}:
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, folder / entry.name)
 
 
 def commit(root: Path, version: str, info: dict, make_current: bool = True) -> Path:

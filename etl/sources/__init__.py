@@ -1,16 +1,18 @@
 """Dataset sources: each turns a download, as users get it, into a manifest (no pixels).
 
 A source is a small module with `LABEL_NAMES` and `build_manifest(data_root, **options)`
-returning a :class:`etl.sources.manifest.Manifest`. Register its name in `SOURCES`. (The dicom
+returning a :class:`etl.sources.manifest.Manifest`; its module name is its `--source` name. (The dicom
 source has no fixed `LABEL_NAMES`: its labels are the columns of the user's label CSV.)
 Optionally, `side_tables(data_root)` returns tables the ETL writes beside the dataset.
 """
 import importlib
 import inspect
+import pkgutil
 
-# Imported when asked for: chexpert imports etl.uncertainty, which imports this package's manifest module,
-# so importing every source here would make `cxr-relabel` (etl.uncertainty) import itself half-loaded.
-SOURCES = ("chexpert", "dicom", "nih", "pneumonia")
+# Every module here but the manifest, found by name and imported when asked for: chexpert imports
+# etl.uncertainty, which imports this package's manifest module, so importing every source here would make
+# `cxr-relabel` (etl.uncertainty) import itself half-loaded.
+SOURCES = tuple(sorted(module.name for module in pkgutil.iter_modules(__path__) if module.name != "manifest"))
 
 
 def get_source(name: str):

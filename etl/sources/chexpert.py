@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_pipeline.schema import LABEL_MASK_COLUMN
-from cxr_pipeline.etl.sources.manifest import MANIFEST_COLUMNS, rejects_frame
+from cxr_pipeline.etl.sources.manifest import MANIFEST_COLUMNS, reject_reasons, rejects_frame
 from cxr_pipeline.etl.sources.nih import parse_age
 from cxr_pipeline.etl.uncertainty import (BLANK_POLICIES, MASKING_POLICIES, U_IGNORE, U_ZEROS, PolicyManifest, apply_policy,
                              canonical_policy, parse_policies)
@@ -140,12 +140,7 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None, 
         (escapes_root(rows["source_path"]), "path_escapes_root", "image path points outside the data root"),
         (rows["image_id"].duplicated(keep="first"), "duplicate_image_id", "path listed earlier in the label tables"),
     ]
-    reasons = pd.Series(None, index=rows.index, dtype=object)
-    details = pd.Series(None, index=rows.index, dtype=object)
-    for bad, reason, detail in checks:  # later checks win: the most basic reason is reported
-        if bad is not None:
-            reasons[bad] = reason
-            details[bad] = detail if isinstance(detail, str) else detail[bad]
+    reasons, details = reject_reasons(rows.index, checks)
     bad = reasons.notna()
     if check_images and bad.all() and len(rows):
         hint_paths_relative_to(data_root, rows["source_path"].iloc[0])

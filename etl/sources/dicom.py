@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr_pipeline.etl.sources.manifest import MANIFEST_COLUMNS, Manifest, rejects_frame
+from cxr_pipeline.etl.sources.manifest import MANIFEST_COLUMNS, Manifest, reject_reasons, rejects_frame
 
 DATASET = "dicom"
 KEY_COLUMNS = ("SOPInstanceUID", "file")
@@ -158,11 +158,7 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None) 
         (table[key].duplicated(keep="first") & (table[key] != ""), "duplicate_image_id",
          f"{key} listed earlier in the CSV"),
     ]
-    reasons = pd.Series(None, index=rows.index, dtype=object)
-    details = pd.Series(None, index=rows.index, dtype=object)
-    for bad, reason, detail in checks:  # later checks win: the most basic reason is reported
-        reasons[bad] = reason
-        details[bad] = detail if isinstance(detail, str) else detail[bad]
+    reasons, details = reject_reasons(rows.index, checks)
     bad = reasons.notna()
     # A row that matched no file is named by its CSV row: its key may be a UID, which must not be copied.
     rejects = [

@@ -33,6 +33,19 @@ class Manifest:
         return len(self.rows) + len(self.rejects)
 
 
+def reject_reasons(index: pd.Index, checks: list) -> tuple[pd.Series, pd.Series]:
+    """(reason, detail) per row, None where a row passes: `checks` are (bad rows mask or None to skip,
+    reason code, detail as a string or a per-row Series). Later checks win, so list them from the most
+    specific to the most basic: the most basic reason is the one reported."""
+    reasons = pd.Series(None, index=index, dtype=object)
+    details = pd.Series(None, index=index, dtype=object)
+    for bad, reason, detail in checks:
+        if bad is not None:
+            reasons[bad] = reason
+            details[bad] = detail if isinstance(detail, str) else detail[bad]
+    return reasons, details
+
+
 def rejects_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(records, columns=REJECT_COLUMNS).astype({"source_row": "Int64"})
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr_pipeline.etl.sources.manifest import MANIFEST_COLUMNS, Manifest, index_images, rejects_frame, resolve_inside
+from cxr_pipeline.etl.sources.manifest import (MANIFEST_COLUMNS, Manifest, index_images, reject_reasons, rejects_frame,
+                                              resolve_inside)
 
 DATASET = "nih"
 # The order of CheXNet (Rajpurkar et al. 2017) and of the NIH paper's tables.
@@ -121,8 +122,6 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None, 
         "official_split": table["Image Index"].map(official) if official else None,
     })[MANIFEST_COLUMNS]
 
-    reasons = pd.Series(None, index=rows.index, dtype=object)
-    details = pd.Series(None, index=rows.index, dtype=object)
     checks = [
         (rows["official_split"].isna() if official else None, "not_in_official_lists",
          "image is in neither train_val_list.txt nor test_list.txt"),
@@ -134,10 +133,7 @@ def build_manifest(data_root: str | Path, labels_csv: str | Path | None = None, 
         (escapes_root(data_root, rows["image_id"]), "path_escapes_root", "image id points outside the data root"),
         (rows["image_id"].duplicated(keep="first"), "duplicate_image_id", "image id listed earlier in the CSV"),
     ]
-    for mask, reason, detail in checks:  # later checks win: the most basic reason is reported
-        if mask is not None:
-            reasons[mask] = reason
-            details[mask] = detail if isinstance(detail, str) else detail[mask]
+    reasons, details = reject_reasons(rows.index, checks)
     bad = reasons.notna()
     rejects = [
         {"image_id": r.image_id, "source_path": r.source_path if isinstance(r.source_path, str) else r.image_id,
