@@ -33,7 +33,7 @@ test: install
 bench: install
 	python -m benchmarks.run
 
-# Issue-13 scale benchmark: 20,000 NIH-sized images through the ETL (local[2]) and the loader (2 and 4
+# Scale benchmark (benchmarks/scale.py): 20,000 NIH-sized images through the ETL (local[2]) and the loader (2 and 4
 # ranks), driver-only probes at 112,120 and 1,000,000 rows; 8 min on 2 free cores, 14 with other work on them.
 bench-scale: install
 	time python -m benchmarks.scale
@@ -41,7 +41,7 @@ bench-scale: install
 clean:
 	rm -rf outputs demo_data
 
-# Issue-4 quality benchmark: real pediatric pneumonia train split, from scratch, 2 CPU cores.
+# Quality benchmark (README "Pneumonia"): real pediatric pneumonia train split, from scratch, 2 CPU cores.
 bench-pneumonia: install
 	time spark-submit --master 'local[2]' etl/preprocess.py --config conf/kermany.yaml
 	time python training/train.py --config conf/kermany.yaml --backend single

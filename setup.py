@@ -4,20 +4,20 @@ Install with `make install` (see install/setup_env.sh): Petastorm and Horovod ne
 that pip's resolver cannot express (Petastorm without its setuptools<70 pin, Horovod built
 from a patched sdist), so they are not listed here.
 """
+import runpy
+from pathlib import Path
+
 from setuptools import setup
 
 # One installed top-level name: the checkout's stage folders become subpackages of cxr_pipeline
 # (cxr_pipeline/__init__.py says why). The editable install maps the same names onto the folders.
-PACKAGE_DIRS = {
-    "cxr_pipeline": "cxr_pipeline",
-    "cxr_pipeline.etl": "etl",
-    "cxr_pipeline.etl.sources": "etl/sources",
-    "cxr_pipeline.training": "training",
-    "cxr_pipeline.jobs": "jobs",
-}
-# command -> function in cxr_pipeline/cli.py, named by the command's last word
-COMMANDS = ["cxr-etl", "cxr-train", "cxr-predict", "cxr-evaluate", "cxr-ensemble", "cxr-report", "cxr-results",
-            "cxr-sweep", "cxr-relabel", "cxr-score"]
+STAGES = ("etl", "training", "jobs")
+PACKAGE_DIRS = {"cxr_pipeline": "cxr_pipeline"} | {
+    ".".join(("cxr_pipeline", *folder.parts)): folder.as_posix()
+    for stage in STAGES for folder in sorted(Path(stage).glob("**/")) if (folder / "__init__.py").exists()}
+# The installed commands are cxr_pipeline/cli.py's COMMANDS; cli.py imports nothing of the project, so it runs
+# here before anything is installed.
+CLI = runpy.run_path("cxr_pipeline/cli.py")
 
 setup(
     name="cxr-pipeline",
@@ -26,8 +26,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    entry_points={"console_scripts": [f"{command} = cxr_pipeline.cli:{command.split('-')[1]}"
-                                      for command in COMMANDS]},
+    entry_points={"console_scripts": [f"{command} = cxr_pipeline.cli:{CLI['function_name'](command)}"
+                                      for command in CLI["COMMANDS"]]},
     # The base requirements accept what the one runtime the bundle's jobs run already ships
     # (Databricks Runtime 15.4 LTS ML: numpy 1.23.5, pandas 1.5.3, pyarrow 14.0.1), so installing the wheel on a
     # cluster never replaces the libraries Spark runs on; what that runtime lacks is in
@@ -41,8 +41,8 @@ setup(
     ],
     extras_require={
         "etl": ["pyspark>=3.5,<4.1"],  # pyspark 4.1+ requires pyarrow >= 18
-        # Delta on Spark outside Databricks (training/results.py's delta-spark engine, jobs/score.py): the Python
-        # API; the jars come with install/delta_jars.sh, or from Maven at session start (etl/sessions.py)
+        # Delta on Spark outside Databricks (training/evaluation/results.py's delta-spark engine, jobs/score.py):
+        # the Python API; the jars come with install/delta_jars.sh, or from Maven at session start (etl/sessions.py)
         "delta": ["delta-spark>=3.2,<4.1"],
         # optional faster PNG/JPEG decode + resize (etl/images.py; Pillow stays the fallback). An extra,
         # not a base requirement: runtimes that ship opencv-python would get a second cv2. 4.12+ needs numpy 2.

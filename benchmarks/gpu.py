@@ -4,7 +4,7 @@
 
 The same model, optimiser and precision (`--amp bf16 --channels-last` by default, as
 train.py takes them) train once on batches from the Petastorm loader (read, uint8 pinned and
-copied to the GPU, normalised there by training/inputs.py) and once on one synthetic batch of
+copied to the GPU, normalised there by training/data/inputs.py) and once on one synthetic batch of
 model input already on the GPU; the ratio says how much of
 the GPU the loader leaves idle (limit: >= 0.9). Without a CUDA device it says so and exits;
 `--device cpu` runs the same code as a smoke test, whose figures mean nothing.
@@ -21,10 +21,10 @@ import torch
 
 from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import read_dataset_spec
-from cxr_pipeline.training.data import SplitReader, prefetch
-from cxr_pipeline.training.inputs import InputTransform
-from cxr_pipeline.training.models import build_model
-from cxr_pipeline.training.precision import AMP_MODES, Precision
+from cxr_pipeline.training.data.inputs import InputTransform
+from cxr_pipeline.training.data.reader import SplitReader, prefetch
+from cxr_pipeline.training.loop.precision import AMP_MODES, Precision
+from cxr_pipeline.training.models.registry import build_model
 
 
 def loader_batches(dataset: Path, batch_size: int, pin: bool):

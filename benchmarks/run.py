@@ -13,7 +13,7 @@
 2. Storage: Parquet bytes per image at 512 vs 512*512 (limit <= 1.05), per --dtype.
 3. Loader: rows/s of ready-to-copy uint8 batches (pixels as stored, labels as float32 tensors)
    through Petastorm (the training reader) vs plain pyarrow reading the same columns of the same
-   files, at 224 and 512 px (limit >= 0.8). Normalisation runs on the device (training/inputs.py).
+   files, at 224 and 512 px (limit >= 0.8). Normalisation runs on the device (training/data/inputs.py).
 4. Data stall: fraction of step time train.py waits for data, small CNN at 224 (limit <= 5%).
 5. GPU: DenseNet-121 at 224, AMP + channels-last, training images/s through the loader vs
    synthetic tensors already on the GPU (limit >= 0.9; benchmarks/gpu.py). Only with a CUDA
@@ -78,7 +78,7 @@ def arrow_pixels(column, spec) -> np.ndarray:
 
 def loader_rates(dataset: Path, split: str = "train") -> tuple[float, float]:
     """(Petastorm rows/s, plain pyarrow rows/s), both ending in uint8 pixel and float32 label tensors."""
-    from cxr_pipeline.training.data import SplitReader, prefetch
+    from cxr_pipeline.training.data.reader import SplitReader, prefetch
 
     dataset = versions.resolve(dataset).path
     spec = read_dataset_spec(dataset)

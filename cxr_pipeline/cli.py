@@ -1,4 +1,5 @@
-"""The installed commands (setup.py's console scripts), each the CLI of one module.
+"""The installed commands, each the CLI of one module: COMMANDS is the one list, which setup.py reads for its
+console scripts and from which the functions below are made.
 
 `cxr-train ...` is `python -m cxr_pipeline.training.train ...` (and, in a checkout, `python -m
 training.train` or `horovodrun ... python training/train.py`). Modules' `main()` return what they
@@ -21,6 +22,7 @@ COMMANDS = {
     "cxr-sweep": "cxr_pipeline.training.sweep",
     "cxr-relabel": "cxr_pipeline.etl.uncertainty",
     "cxr-score": "cxr_pipeline.jobs.score",
+    "cxr-monitor": "cxr_pipeline.training.monitor",
 }
 
 
@@ -33,13 +35,9 @@ def _command(module: str):
     return run
 
 
-etl = _command(COMMANDS["cxr-etl"])
-train = _command(COMMANDS["cxr-train"])
-predict = _command(COMMANDS["cxr-predict"])
-evaluate = _command(COMMANDS["cxr-evaluate"])
-ensemble = _command(COMMANDS["cxr-ensemble"])
-report = _command(COMMANDS["cxr-report"])
-results = _command(COMMANDS["cxr-results"])
-sweep = _command(COMMANDS["cxr-sweep"])
-relabel = _command(COMMANDS["cxr-relabel"])
-score = _command(COMMANDS["cxr-score"])
+def function_name(command: str) -> str:
+    """The attribute of this module that runs `command` (setup.py's entry points name it): its last word."""
+    return command.split("-", 1)[1]
+
+
+globals().update({function_name(command): _command(module) for command, module in COMMANDS.items()})

@@ -10,28 +10,40 @@
 Inputs: image files (--images: folders searched recursively, glob patterns, .txt lists of paths; ids as
 training.predict gives them: the path relative to the folder given), or the rows of an ETL dataset
 (--dataset, --split): pixels as stored, at the model's size. The model is the pyfunc that train.py logs
-(training/serving.py): the driver resolves the URI to a fixed version (`models:/NAME@alias` and
+(training/serving/mlflow_model.py): the driver resolves the URI to a fixed version (`models:/NAME@alias` and
 `models:/NAME/latest` become `models:/NAME/<version>`), downloads it once and ships it to the executors,
-where each Python worker loads it once (training.serving.cached_model) and scores Arrow batches of
---batch-size images in mapInPandas.
+where each Python worker loads it once (training.serving.mlflow_model.cached_model) and scores Arrow batches of
+--batch-size images in mapInPandas. The executors read the image files themselves and give the model their
+bytes: the model reads no paths (a scoring server must not read its files for a client).
 
-Output rows: image_id, path, model_uri, the calibrated probability of each label (a column per label,
-named as the label with characters other than letters, digits and _ replaced by _), `<label>_positive`
-at the run's operating point, `error` (why an image could not be scored: missing, empty, not an image,
-...; such images get a row with empty scores, never a failed job) and scored_at.
+Output rows: the columns of training/serving/predictions.py, as `training.predict --output` writes them (label
+columns named as the label with characters other than letters, digits and _ replaced by _): image_id, path, the
+calibrated probability of each label, `<label>_positive` at the run's operating point, `error` (why an image
+could not be scored: missing, empty, not an image, ...; such images get a row with empty scores, never a failed
+job), the model's identity (checkpoint sha256, the pinned model_uri, the training run and its dataset version)
+and scored_at.
 
 One row per (image_id, model_uri), however often the job runs: images the table already holds for this
 model version are not scored again (with --rescore-errors, those whose row has an error are, and the new
-row replaces it: a file fixed since). Engines as for the AUROC rows (training/results.py; `auto`, the default,
-takes delta-spark for a catalog table name or on Databricks, else deltalake):
-- `deltalake` (delta-rs; no Delta jars): the scores are collected to the driver and appended
-  (with --rescore-errors, replacing error rows rewrites this model's rows in one commit). Not delta-rs's MERGE: with
-  deltalake 1.6 it writes string_view Parquet that pyarrow 14 (petastorm's limit) cannot open.
+row replaces it: a file fixed since). Engines as for the AUROC rows (training/evaluation/results.py; `auto`, the
+default, takes delta-spark for a catalog table name or on Databricks, else deltalake), writing as
+training/serving/prediction_table.py says:
+- `deltalake` (delta-rs; no Delta jars): the scores are collected to the driver and appended (with
+  --rescore-errors, replacing error rows rewrites this model's rows in one commit).
 - `delta-spark` (a Spark session with Delta, as on Databricks, where --table may be a Unity Catalog table
   name): a MERGE on (image_id, model_uri) from the executors.
 A second job on the same table and model at the same time could add a row twice with `deltalake`; the
 bundle's job runs one at a time. Before any model version carries the alias asked for (a new deployment, before
 the first promotion), the job logs that plainly and ends with success, scoring nothing.
+
+Shift monitor (--monitor-table; default none: no monitor): after writing the scores, this run's rows (only
+those scored now) are compared with the model's val split (its val prevalence and score deciles, in the logged
+model's metadata) by training/serving/monitor.py, one row per label appended to that Delta table: estimated
+prevalence with its interval, mean score, PSI, unreadable share, and flags with their reasons. The log names
+every flagged label and why, and the job then exits non-zero (after the scores and the monitor rows are written)
+unless --monitor-warn-only. A run that scores nothing new (a retry of a flagged night, a night without images)
+repeats the verdict of the last run the monitor holds for the model, so a retry cannot turn a flagged night
+into a success. `python -m training.monitor --table T` shows the runs.
 """
 from __future__ import annotations
 
@@ -46,18 +58,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 
 from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.sessions import session_builder
+from cxr_pipeline.jobs import score_monitor
 from cxr_pipeline.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
-from cxr_pipeline.training.label_files import DECISION_SUFFIX, ERROR_COLUMN
-from cxr_pipeline.training.results import (ENGINES, delta_table, is_table_name, quoted, read_with_spark,
-                                           resolve_engine, save_delta, table_exists)
+from cxr_pipeline.training.evaluation.results import add_engine_argument, quoted, resolve_engine
+from cxr_pipeline.training.serving.prediction_table import earlier_rows, merge_spark, write_deltalake_rows
+from cxr_pipeline.training.serving.predictions import (ERROR_COLUMN, IDENTITY_COLUMNS, KEY, PREVALENCE_COLUMN,
+                                                       SCORED_AT, columns, decision_column, label_columns,
+                                                       spark_schema, table_names, to_arrow)
 
 log = logging.getLogger("score")
-KEY = ("image_id", "model_uri")
-MERGE_PREDICATE = " AND ".join(f"t.{column} = s.{column}" for column in KEY)
 RETRY_ERRORS = "t.error <> ''"  # only an error row is ever replaced (--rescore-errors); a scored one stays
 SCORING_FAILED = "scoring_failed"
 
@@ -73,9 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", action="append", choices=SPLITS, help="with --dataset: split(s) (default: all)")
     parser.add_argument("--table", required=True, help="Delta table of scores: a folder, or a catalog table name "
                                                        "(catalog.schema.table, through Spark)")
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="auto (default): delta-spark for a catalog table name or on Databricks, else deltalake "
-                             "(delta-rs); or name one")
+    add_engine_argument(parser, "--engine")
     parser.add_argument("--batch-size", type=int, default=32, help="images per Arrow batch and model call (32)")
     parser.add_argument("--partitions", type=int, default=0,
                         help="Spark partitions of the image list (default: the cluster's default parallelism)")
@@ -83,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also score again the images whose row for this model has an error (a file fixed "
                              "since), replacing that row; without it every image is scored once per model version")
     parser.add_argument("--master", help="Spark master, e.g. local[2] (default: the session's, else local[*])")
+    score_monitor.add_arguments(parser)
     return parser
 
 
@@ -93,10 +104,10 @@ class NoModelVersion(Exception):
 
 def pin_registry() -> None:
     """MLflow's registry for resolving and downloading `models:/` URIs: the one training registers in
-    (training.tracking.registry_uri: Unity Catalog when tracking goes to Databricks)."""
+    (training.serving.tracking.registry_uri: Unity Catalog when tracking goes to Databricks)."""
     import mlflow
 
-    from cxr_pipeline.training.tracking import registry_uri
+    from cxr_pipeline.training.serving.tracking import registry_uri
 
     registry = registry_uri(mlflow.get_tracking_uri())
     if registry:
@@ -151,36 +162,9 @@ def model_spec(folder: Path) -> DatasetSpec:
 
     spec = (Model.load(str(folder / "MLmodel")).metadata or {}).get("dataset_spec")
     if not spec:
-        raise SystemExit(f"{folder}: not a model logged by training/serving.py (no dataset_spec in its metadata)")
+        raise SystemExit(f"{folder}: not a model logged by training/serving/mlflow_model.py "
+                         "(no dataset_spec in its metadata)")
     return DatasetSpec.from_json(spec)
-
-
-# ---- output columns -------------------------------------------------------------------------------------------
-def column_name(label: str) -> str:
-    return re.sub(r"\W", "_", label, flags=re.ASCII)
-
-
-def score_columns(spec: DatasetSpec) -> dict[str, str]:
-    """Model output column -> table column, for labels and decisions."""
-    names = {label: column_name(label) for label in spec.label_names}
-    if len(set(names.values())) != len(names):
-        raise SystemExit(f"labels {list(names)} give clashing column names {list(names.values())}")
-    return {**names, **{f"{label}{DECISION_SUFFIX}": f"{column}{DECISION_SUFFIX}" for label, column in names.items()}}
-
-
-def arrow_schema(spec: DatasetSpec) -> pa.Schema:
-    columns = score_columns(spec)
-    labels = [columns[label] for label in spec.label_names]
-    return pa.schema([("image_id", pa.string()), ("path", pa.string()), ("model_uri", pa.string()),
-                      *((name, pa.float64()) for name in labels),
-                      *((f"{name}{DECISION_SUFFIX}", pa.int32()) for name in labels),
-                      (ERROR_COLUMN, pa.string()), ("scored_at", pa.timestamp("us", tz="UTC"))])
-
-
-def spark_schema(spec: DatasetSpec) -> str:
-    """The rows mapInPandas yields (scored_at is added after)."""
-    kinds = {pa.string(): "string", pa.float64(): "double", pa.int32(): "int"}
-    return ", ".join(f"`{field.name}` {kinds[field.type]}" for field in arrow_schema(spec) if field.name != "scored_at")
 
 
 # ---- executors --------------------------------------------------------------------------------------------
@@ -200,43 +184,75 @@ def predict_or_explain(model, frame: pd.DataFrame, batch_size: int) -> pd.DataFr
         return pd.concat(rows)
 
 
-def partition_scorer(model_folder_name: str, model_uri: str, input_column: str, spec: DatasetSpec, batch_size: int):
-    """The function mapInPandas runs: (image_id, path, input) batches -> table rows (without scored_at)."""
-    columns = score_columns(spec)
-    names = [field.name for field in arrow_schema(spec) if field.name != "scored_at"]
+def table_rows(scored: pd.DataFrame, batch: pd.DataFrame, model_uri: str, label_names) -> pd.DataFrame:
+    """The model's output for a batch of (image_id, path, input) as table rows, less scored_at (one per job): the
+    batch's ids and paths, the pinned model URI, the table's column names."""
+    names = [name for name in columns(label_names, table=True) if name != SCORED_AT]
+    # a row that failed as a whole (predict_or_explain) has only its error
+    rows = scored.rename(columns=table_names(label_names)).reindex(columns=names)
+    rows["image_id"], rows["path"] = batch["image_id"].to_numpy(), batch["path"].to_numpy()
+    rows["model_uri"] = model_uri
+    for name in map(decision_column, label_columns(label_names, table=True)):
+        rows[name] = rows[name].astype("Int32")
+    rows[[ERROR_COLUMN, PREVALENCE_COLUMN]] = rows[[ERROR_COLUMN, PREVALENCE_COLUMN]].fillna("")
+    rows[list(IDENTITY_COLUMNS)] = rows[list(IDENTITY_COLUMNS)].astype(object).where(rows[list(IDENTITY_COLUMNS)]
+                                                                                     .notna(), None)
+    return rows
 
+
+def model_input(batch: pd.DataFrame, input_column: str) -> tuple[pd.DataFrame, pd.Series]:
+    """What the model scores for a batch, and each row's read error ("" where none). ETL pixels go as they are.
+    Image files (`path`) are read here, on the executor (this job is trusted with the paths it lists; the model
+    reads no paths, training/serving/mlflow_model.py) and go as their bytes (`content`); a file that cannot be
+    read goes as nothing, with training.predict's reason (scorer.read_image: image_missing, unreadable_file)."""
+    if input_column != "path":
+        return batch[[input_column]], pd.Series("", index=batch.index, dtype=object)
+    from cxr_pipeline.etl.images import ImageError
+    from cxr_pipeline.training.serving.mlflow_model import CONTENT_COLUMN
+    from cxr_pipeline.training.serving.scorer import read_image
+
+    contents, errors = [], []
+    for path in batch["path"]:
+        try:
+            contents.append(read_image(Path(path)))
+            errors.append("")
+        except ImageError as exc:
+            contents.append(None)
+            errors.append(str(exc))
+    return (pd.DataFrame({CONTENT_COLUMN: contents}, index=batch.index),
+            pd.Series(errors, index=batch.index, dtype=object))
+
+
+def partition_scorer(model_folder_name: str, model_uri: str, input_column: str, spec: DatasetSpec, batch_size: int):
+    """The function mapInPandas runs: (image_id, path, input) batches -> table rows (without scored_at); image
+    files are read here and scored as bytes (model_input)."""
     def score(batches):
         from pyspark import SparkFiles
 
-        from cxr_pipeline.training.serving import cached_model
+        from cxr_pipeline.training.serving.mlflow_model import cached_model
 
         model = cached_model(SparkFiles.get(model_folder_name))  # once per Python worker
         for batch in batches:
-            scored = predict_or_explain(model, batch[[input_column]], batch_size).rename(columns=columns)
-            scored = scored.reindex(columns=names)
-            scored["image_id"], scored["path"], scored["model_uri"] = (batch["image_id"].to_numpy(),
-                                                                       batch["path"].to_numpy(), model_uri)
-            for name in names:
-                if name.endswith(DECISION_SUFFIX):
-                    scored[name] = scored[name].astype("Int32")
-            scored[ERROR_COLUMN] = scored[ERROR_COLUMN].fillna("")
-            yield scored[names]
+            frame, unread = model_input(batch, input_column)
+            scored = predict_or_explain(model, frame, batch_size)
+            # an unread file's row: the model saw no input; the reason is the read's
+            scored[ERROR_COLUMN] = scored[ERROR_COLUMN].where(unread == "", unread)
+            yield table_rows(scored, batch, model_uri, spec.label_names)
     return score
 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
 def spark_session(args):
-    spark = session_builder("cxr-score", args.master, delta=args.engine == "delta-spark").getOrCreate()
+    delta = "delta-spark" in (args.engine, args.monitor_engine)  # either table through Delta on Spark
+    spark = session_builder("cxr-score", args.master, delta=delta).getOrCreate()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
-    if args.engine == "delta-spark":  # a model with new labels adds their columns to the table
-        spark.conf.set("spark.databricks.delta.schema.autoMerge.enabled", "true")
     return spark
 
 
 def images_to_score(args, done: set[str]) -> tuple[pd.DataFrame, int]:
     """(image_id and path of the listed images not in `done`, how many were), on the driver: no Spark needed."""
-    from cxr_pipeline.training.predict import image_paths
+    from cxr_pipeline.training.serving.scorer import image_paths
 
     listed = pd.DataFrame([(image_id, str(path)) for image_id, path in image_paths(args.images)],
                           columns=["image_id", "path"]).drop_duplicates("image_id")
@@ -248,14 +264,12 @@ def images_to_score(args, done: set[str]) -> tuple[pd.DataFrame, int]:
 
 def dataset_frame(spark, args, spec: DatasetSpec, done: set[str]):
     """image_id, path (split/image_id, as predict names them) and stored pixels of the ETL rows not in `done`."""
-    dataset = versions.resolve(args.dataset).path  # the current version, once
-    stored = read_dataset_spec(dataset)
-    if (stored.image_size, stored.pixel_dtype) != (spec.image_size, spec.pixel_dtype):
-        raise SystemExit(f"{args.dataset} holds {stored.image_size} px {stored.pixel_dtype} pixels, the model "
-                         f"takes {spec.image_size} px {spec.pixel_dtype}: rerun the ETL at that size, or pass "
-                         "the image files with --images")
     from pyspark.sql import functions as F
 
+    from cxr_pipeline.training.serving.scorer import check_pixels
+
+    dataset = versions.resolve(args.dataset).path  # the current version, once
+    check_pixels(spec, read_dataset_spec(dataset), args.dataset, instead="pass the image files with --images")
     splits = [s for s in (args.split or SPLITS) if split_dir(dataset, s).exists()]
     frame = spark.read.option("basePath", str(dataset)).parquet(*(str(split_dir(dataset, s)) for s in splits))
     frame = frame.select("image_id", F.concat_ws("/", "split", "image_id").alias("path"), spec.pixel_column)
@@ -264,63 +278,12 @@ def dataset_frame(spark, args, spec: DatasetSpec, done: set[str]):
     return frame
 
 
-def earlier_rows(spark, args, model_uri: str) -> pd.DataFrame:
-    """image_id and error of the rows the table already holds for this model (none when there is no table)."""
-    if args.engine == "deltalake":
-        import pyarrow.dataset as ds
-        from deltalake import DeltaTable
-        from deltalake.exceptions import TableNotFoundError
-
-        if is_table_name(args.table):
-            raise SystemExit(f"{args.table!r} is a catalog table name: use --engine delta-spark, or give a folder "
-                             "path")
-        try:
-            dataset = DeltaTable(args.table).to_pyarrow_dataset()
-        except TableNotFoundError:
-            return pd.DataFrame({"image_id": [], ERROR_COLUMN: []})
-        return dataset.to_table(filter=ds.field("model_uri") == model_uri,
-                                columns=["image_id", ERROR_COLUMN]).to_pandas()
-    if not table_exists(spark, args.table):
-        return pd.DataFrame({"image_id": [], ERROR_COLUMN: []})
-    rows = read_with_spark(spark, args.table).filter(f"model_uri = {quoted(model_uri)}")
-    return rows.select("image_id", ERROR_COLUMN).toPandas()
-
-
-def write_deltalake_rows(table_uri: str, rows: pa.Table, model_uri: str, rescored: set[str]) -> None:
-    """Append the new rows; where they replace rows that had an error, rewrite this model's rows in one commit
-    (every file holds one model's rows, so the predicate removes whole files and nothing is rewritten)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-    from deltalake import DeltaTable, write_deltalake
-    from deltalake.exceptions import TableNotFoundError
-
-    if not rescored:
-        write_deltalake(table_uri, rows, mode="append", schema_mode="merge")
-        return
-    try:
-        earlier = DeltaTable(table_uri).to_pyarrow_dataset().to_table(filter=ds.field("model_uri") == model_uri)
-    except TableNotFoundError:
-        earlier = rows.schema.empty_table()
-    kept = earlier.filter(pc.invert(pc.is_in(earlier["image_id"], pa.array(sorted(rescored)))))
-    kept = kept.select(rows.schema.names).cast(rows.schema)  # one model: the same labels, the same columns
-    write_deltalake(table_uri, pa.concat_tables([kept, rows]), mode="overwrite",
-                    predicate=f"model_uri = {quoted(model_uri)}", schema_mode="merge")
-
-
-def merge_spark(spark, scored, table_uri: str) -> None:
-    """MERGE on (image_id, model_uri) through Delta on Spark (Databricks): by table name, or by path."""
-    if not table_exists(spark, table_uri):
-        save_delta(scored.write.format("delta").mode("errorifexists"), table_uri)
-        return
-    (delta_table(spark, table_uri).alias("t").merge(scored.alias("s"), MERGE_PREDICATE)
-     .whenMatchedUpdateAll(condition=RETRY_ERRORS).whenNotMatchedInsertAll().execute())
-
-
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     started = time.perf_counter()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    args.monitor_engine = resolve_engine(args.engine, args.monitor_table) if args.monitor_table else None
     args.engine = resolve_engine(args.engine, args.table)
     pin_registry()
     try:
@@ -334,8 +297,9 @@ def main(argv=None) -> dict:
     scratch = tempfile.TemporaryDirectory(prefix="cxr-score-")
     folder = download_model(model_uri, Path(scratch.name))
     spec = model_spec(folder)
+    reference = score_monitor.val_reference(folder, spec) if args.monitor_table else None
     spark = spark_session(args) if args.engine == "delta-spark" else None  # deltalake: not before it is needed
-    earlier = earlier_rows(spark, args, model_uri)
+    earlier = earlier_rows(args.table, model_uri, args.engine, spark)
     failed = set(earlier.loc[earlier[ERROR_COLUMN] != "", "image_id"]) if args.rescore_errors else set()
     done = set(earlier["image_id"]) - failed
     if args.images:
@@ -344,8 +308,9 @@ def main(argv=None) -> dict:
             log.info("%s already holds every image of %s for %s: nothing to score", args.table, args.images,
                      model_uri)
             scratch.cleanup()
+            flagged = score_monitor.judge_last_run(args, model_uri) if args.monitor_table else []
             return {"model_uri": model_uri, "scored": 0, "unreadable": 0, "skipped": skipped, "added": 0,
-                    "rescored": 0, "already_in_table": len(done)}
+                    "rescored": 0, "already_in_table": len(done), "flagged": flagged}
     spark = spark or spark_session(args)
     spark.sparkContext.addFile(str(folder), recursive=True)
     if args.images:
@@ -355,34 +320,38 @@ def main(argv=None) -> dict:
         inputs, column, skipped = dataset_frame(spark, args, spec, done), spec.pixel_column, None
     scored_at = datetime.now(timezone.utc)
     scored = inputs.mapInPandas(partition_scorer(folder.name, model_uri, column, spec, args.batch_size),
-                                spark_schema(spec))
+                                spark_schema(spec.label_names, without=(SCORED_AT,)))
     if args.engine == "deltalake":
         frame = scored.toPandas().drop_duplicates(list(KEY))
-        frame["scored_at"] = pd.Timestamp(scored_at)
-        schema = arrow_schema(spec)
-        for field in schema:
-            if field.type == pa.int32():
-                frame[field.name] = frame[field.name].astype("Int32")
-        rows = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+        frame[SCORED_AT] = pd.Timestamp(scored_at)
+        rows = to_arrow(frame, spec.label_names, table=True)
         if rows.num_rows:
-            write_deltalake_rows(args.table, rows, model_uri, failed & set(frame["image_id"]))
+            write_deltalake_rows(args.table, rows, model_uri)
         counts = {"scored": rows.num_rows, "unreadable": int((frame[ERROR_COLUMN] != "").sum())}
         rescored = len(failed & set(frame["image_id"]))
+        scores = frame  # this run's rows, for the monitor
     else:
         from pyspark.sql import functions as F
 
-        scored = scored.withColumn("scored_at", F.lit(scored_at)).persist()
+        scored = scored.withColumn(SCORED_AT, F.lit(scored_at)).persist()
         counts = {"scored": scored.count(), "unreadable": scored.filter(F.col(ERROR_COLUMN) != "").count()}
         rescored = scored.filter(F.col("image_id").isin(list(failed))).count() if failed else 0
         if counts["scored"]:
-            merge_spark(spark, scored, args.table)
+            merge_spark(spark, scored, args.table, RETRY_ERRORS)
+        # this run's label columns (N x L doubles), for the monitor
+        scores = scored.select(*label_columns(spec.label_names, table=True)).toPandas() if args.monitor_table else None
         scored.unpersist()
     scratch.cleanup()
     result = {"model_uri": model_uri, **counts, "skipped": skipped, "added": counts["scored"] - rescored,
-              "rescored": rescored, "already_in_table": len(done)}
+              "rescored": rescored, "already_in_table": len(done), "flagged": []}
     log.info("%d images scored with %s in %.1f s (%d unreadable, listed with their reason); %s: rows added %d, "
              "earlier error rows replaced %d, rows of this model kept as they were %d", counts["scored"], model_uri,
              time.perf_counter() - started, counts["unreadable"], args.table, result["added"], rescored, len(done))
+    if args.monitor_table and counts["scored"]:
+        watched = score_monitor.watch_run(args, reference, spec, model_uri, scored_at, scores)
+        result["flagged"] = score_monitor.judge(args, watched, score_monitor.THIS_RUN)
+    elif args.monitor_table:
+        result["flagged"] = score_monitor.judge_last_run(args, model_uri)
     return result
 
 

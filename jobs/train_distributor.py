@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 
 from cxr_pipeline.etl.sessions import session_builder
-from cxr_pipeline.training.results import NO_TABLE, read_run_rows, write_results
+from cxr_pipeline.training.evaluation.results import NO_TABLE, read_run_rows, write_results
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train.py"
 log = logging.getLogger("train_distributor")
@@ -65,7 +65,8 @@ def driver_owned_run(train_args: list[str]) -> tuple[list[str], Path, str, str]:
     from the folder's checkpoint when an earlier attempt left one; that folder; the run id; the results table
     the arguments named (train.py's default if none)."""
     from cxr_pipeline.config import parse_args
-    from cxr_pipeline.training.train import build_parser, new_run_id
+    from cxr_pipeline.training.loop.run_ids import new_run_id
+    from cxr_pipeline.training.train import build_parser
 
     resolved = parse_args(build_parser(), "train", train_args)
     run_id = resolved.run_id or new_run_id()

@@ -7,9 +7,9 @@ import json
 import sys
 
 from cxr_pipeline.schema import read_dataset_spec
-from cxr_pipeline.training import distributed
-from cxr_pipeline.training.data import SplitReader, label_table, prefetch
-from cxr_pipeline.training.sampling import Oversampler
+from cxr_pipeline.training.data.reader import SplitReader, label_table, prefetch
+from cxr_pipeline.training.data.sampling import Oversampler
+from cxr_pipeline.training.loop import distributed
 
 BATCH = 4
 

@@ -6,9 +6,9 @@ import torch
 
 import numpy as np
 
-from cxr_pipeline.training.augment import Augmentation, augment_rows, batch_generator
-from cxr_pipeline.training.sampling import Oversampler
-from cxr_pipeline.training.schedules import LearningRate, build_optimizer
+from cxr_pipeline.training.data.augment import Augmentation, augment_rows, batch_generator
+from cxr_pipeline.training.data.sampling import Oversampler
+from cxr_pipeline.training.loop.schedules import LearningRate, build_optimizer
 
 STILL = dict(flip=0.0, rotate_degrees=0.0, zoom=0.0, shift=0.0, brightness=0.0, contrast=0.0)
 

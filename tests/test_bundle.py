@@ -301,8 +301,8 @@ def test_one_ml_runtime_for_every_job_and_each_library_declared_where_the_cluste
 def test_training_workers_get_mlflow_credentials_from_a_secret_scope_and_use_unity_catalog():
     """Review points 2 and 3: rank 0 runs torchrun on a worker, where MLflow needs the workspace host and a token;
     the token comes from a secret scope (never a literal), and the registry is pinned to Unity Catalog in the
-    training clusters, the scoring cluster and the code (training.tracking.registry_uri)."""
-    from cxr_pipeline.training.tracking import registry_uri
+    training clusters, the scoring cluster and the code (training.serving.tracking.registry_uri)."""
+    from cxr_pipeline.training.serving.tracking import registry_uri
 
     _, jobs = target_view(load_bundle(ROOT)[0], "prod")
     for name, job in jobs.items():
@@ -407,7 +407,7 @@ def test_scoring_job_scores_new_images_nightly_with_the_registered_model_into_a_
     from cxr_pipeline.config import parse_args
     from cxr_pipeline.jobs.score import build_parser as score_parser
     from cxr_pipeline.jobs.score import resolve_model_uri
-    from cxr_pipeline.training.results import resolve_engine
+    from cxr_pipeline.training.evaluation.results import resolve_engine
     from cxr_pipeline.training.train import build_parser as train_parser
 
     _, resources, _ = target_values(load_bundle(ROOT)[0], "prod")
@@ -476,7 +476,7 @@ def test_the_training_processes_write_no_table_and_the_driver_publishes(tmp_path
     on a FUSE volume, no deltalake on the cluster); the driver writes them through Spark. delta-rs refuses a
     catalog name, saying what to use."""
     from cxr_pipeline.jobs.train_distributor import driver_owned_run
-    from cxr_pipeline.training.results import is_table_name, write_results
+    from cxr_pipeline.training.evaluation.results import is_table_name, write_results
 
     args, run_dir, run_id, table = driver_owned_run(["--dataset", "d", "--output-dir", str(tmp_path / "runs")])
     assert table == "outputs/results_delta"  # train.py's default, which the driver writes instead

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import CHEXPERT_TRAIN_CSV, current, require, run_cli, spark_etl
 from conftest import chexpert_table as real_table, write_chexpert_images as write_images
-from cxr_pipeline.schema import DatasetSpec, read_dataset_spec
 from cxr_pipeline.etl.sources import chexpert
 from cxr_pipeline.etl.uncertainty import apply_policy, parse_policies, spec_label_fields
+from cxr_pipeline.schema import DatasetSpec, read_dataset_spec
 
 POLICY = "U-Zeros,Atelectasis=U-Ones,Cardiomegaly=U-MultiClass,Consolidation=U-SelfTrained"
 
@@ -178,7 +178,7 @@ def test_training_honours_mask_and_three_way_head_then_self_trains_in_two_passes
     split), relabel its uncertain entries with those scores, train again on the result (pass 2)."""
     from deltalake import DeltaTable
 
-    from cxr_pipeline.training import checkpoints
+    from cxr_pipeline.training.loop import checkpoints
 
     output, _ = chexpert_dataset
     first = train(output, tmp_path / "pass1", "--predict-train")

@@ -85,7 +85,7 @@ def test_delta_spark_writes_the_results_table_from_the_clusters_executors(standa
         import json
         from cxr_pipeline.etl.sessions import session_builder
         from test_delta_engines import WRITES, sample_rows
-        from cxr_pipeline.training.results import write_results
+        from cxr_pipeline.training.evaluation.results import write_results
         spark = session_builder("cxr-cluster-delta", {standalone_master!r}, delta=True).getOrCreate()
         for run_id, stage, auroc in WRITES:
             write_results({str(table)!r}, sample_rows(run_id, stage, auroc), "delta-spark")

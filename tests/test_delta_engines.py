@@ -10,7 +10,7 @@ import pytest
 from deltalake import DeltaTable
 
 from conftest import BIN, ROOT, run_cli
-from cxr_pipeline.training.results import read_results, table_history, write_results
+from cxr_pipeline.training.evaluation.results import read_results, table_history, write_results
 
 LABELS = ("Atelectasis", "Effusion", "mean")
 
@@ -48,7 +48,7 @@ def tables(tmp_path_factory):
         assert write_results(str(by_rs), sample_rows(run_id, stage, auroc), "deltalake") == "deltalake"
     spark_python(f"""
         from test_delta_engines import WRITES, sample_rows
-        from cxr_pipeline.training.results import read_results, write_results
+        from cxr_pipeline.training.evaluation.results import read_results, write_results
         for run_id, stage, auroc in WRITES:
             assert write_results({str(by_spark)!r}, sample_rows(run_id, stage, auroc), "delta-spark") == "delta-spark"
         read_results({str(by_rs)!r}, "delta-spark").to_parquet({str(folder / "rs_read_by_spark.parquet")!r})
@@ -98,7 +98,7 @@ def test_a_catalog_table_name_through_a_local_metastore_written_and_read_by_diff
     name = "spark_catalog.cxr.auroc_results"
     spark_python(f"""
         from test_delta_engines import WRITES, sample_rows
-        from cxr_pipeline.training.results import spark_session, write_results
+        from cxr_pipeline.training.evaluation.results import spark_session, write_results
         spark_session().sql("CREATE SCHEMA IF NOT EXISTS cxr")  # the bundle's schema resource, here
         for run_id, stage, auroc in WRITES:
             assert write_results({name!r}, sample_rows(run_id, stage, auroc)) == "delta-spark"

@@ -10,8 +10,8 @@ import pytest
 from conftest import NIH, current, require, spark_etl
 from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.images import decode_resize
-from cxr_pipeline.schema import read_dataset_spec
 from cxr_pipeline.etl.sources.nih import LABEL_NAMES
+from cxr_pipeline.schema import read_dataset_spec
 
 
 def read_split(dataset, split):

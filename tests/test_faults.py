@@ -20,8 +20,8 @@ from conftest import BIN, NIH, ROOT, current, require, run_cli, spark_etl
 from test_training import train_args
 from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.hold_points import VARIABLE
-from cxr_pipeline.training import checkpoints
-from cxr_pipeline.training.results import write_results, read_results
+from cxr_pipeline.training.evaluation.results import write_results, read_results
+from cxr_pipeline.training.loop import checkpoints
 
 
 def sha256(path):

@@ -3,8 +3,8 @@ import numpy as np
 from PIL import Image
 
 from conftest import BIN, run_cli
-from cxr_pipeline.training import checkpoints
 from cxr_pipeline.training.filters import CELL, GAP, ZOOM, main as filters
+from cxr_pipeline.training.loop import checkpoints
 from cxr_pipeline.training.report import main as report
 
 

@@ -10,9 +10,11 @@ from cxr_pipeline.etl.demo_data import generate, zone_centres
 from cxr_pipeline.etl.images import decode_resize
 from cxr_pipeline.etl.sources.nih import LABEL_NAMES
 from cxr_pipeline.training import predict
-from cxr_pipeline.training.inputs import stored_pixels
-from cxr_pipeline.training.gradcam import class_activation_map, default_method, peak_inside, target_layer
-from cxr_pipeline.training.models import MODELS, build_model, metadata_features, uses_metadata
+from cxr_pipeline.training.data.inputs import stored_pixels
+from cxr_pipeline.training.explain.gradcam import class_activation_map, default_method, peak_inside, target_layer
+from cxr_pipeline.training.models.fusion import metadata_features
+from cxr_pipeline.training.models.registry import MODELS, build_model, uses_metadata
+from cxr_pipeline.training.serving.scorer import load
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -62,6 +64,27 @@ def test_gradcam_equals_hirescam_for_average_pooling_heads(name):
                           atol=0.05 if name == "densenet121" else 1e-5)
 
 
+@pytest.mark.parametrize("size", [64, 224, 512])
+def test_overlays_are_readable_at_any_training_size_and_say_what_they_show(size):
+    """At least 448 px on the long side, the label and probability written in a band across the top, and a
+    stored-pixel box drawn where it falls on the upscaled image."""
+    from cxr_pipeline.training.explain.overlays import BOX_COLOUR, draw
+
+    grey = np.full((size, size), 90, np.uint8)
+    heatmap = np.zeros((size, size))
+    box = (size / 2, size / 2, size / 4, size / 4)
+    picture = np.asarray(draw(grey, heatmap, "Pleural_Thickening", 0.8312, box=box))
+    side = max(448, size)
+    assert picture.shape == (side, side, 3)
+    band = picture[: side // 12]
+    assert (band == 255).all(axis=2).sum() > 100  # white text on the dark band
+    assert (picture[side // 6:] == 255).all(axis=2).sum() == 0  # no text below it
+    scale = side / size
+    greens = np.argwhere((picture == BOX_COLOUR).all(axis=2))
+    assert greens.min(axis=0) == pytest.approx([box[1] * scale, box[0] * scale], abs=2)
+    assert greens.max(axis=0) == pytest.approx([(box[1] + box[3]) * scale, (box[0] + box[2]) * scale], abs=2)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
@@ -77,7 +100,7 @@ def demo_run(tmp_path_factory):
 
 def test_heatmap_peak_falls_on_the_known_lesion_zone(demo_run):
     root, checkpoint = demo_run
-    scorer = predict.load(str(checkpoint))
+    scorer = load(str(checkpoint))
     model, name, spec = scorer.model, scorer.model_name, scorer.spec
     table = pd.read_csv(root / "nih" / "Data_Entry_2017.csv")
     single = table[~table["Finding Labels"].str.contains(r"\|") & (table["Finding Labels"] != "No Finding")][:60]
@@ -137,3 +160,6 @@ def test_pointing_game_on_the_real_nih_boxes(nih_dataset, tmp_path):
     assert scaled == pytest.approx(tuple(first.iloc[2:6].astype(float) * 64 / 1024))
     assert results["hit"].isin([True, False]).all()
     assert len(list((tmp_path / "boxes").glob("*.png"))) == 5
+    from PIL import Image
+
+    assert all(Image.open(path).size == (448, 448) for path in (tmp_path / "boxes").glob("*.png"))

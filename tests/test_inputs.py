@@ -1,4 +1,4 @@
-"""The one preprocessing path (training/inputs.py): uint8 as stored -> model input on the device,
+"""The one preprocessing path (training/data/inputs.py): uint8 as stored -> model input on the device,
 the ETL's mean image, CheXNet-style evaluation crops, and train / evaluate / predict agreeing."""
 import numpy as np
 import pandas as pd
@@ -11,10 +11,11 @@ from conftest import BIN, NIH, run_cli
 from cxr_pipeline.etl.images import choose_decoder
 from cxr_pipeline.etl.mean_image import read_mean_image
 from cxr_pipeline.schema import read_dataset_spec
-from cxr_pipeline.training.data import SplitReader
-from cxr_pipeline.training.inputs import InputTransform
-from cxr_pipeline.training.models import build_model
-from cxr_pipeline.training.predict import main as predict, read_batches
+from cxr_pipeline.training.data.inputs import InputTransform
+from cxr_pipeline.training.data.reader import SplitReader
+from cxr_pipeline.training.models.registry import build_model
+from cxr_pipeline.training.predict import main as predict
+from cxr_pipeline.training.serving.scorer import read_batches
 
 
 def stored_train_pixels(dataset, spec) -> np.ndarray:
@@ -83,8 +84,9 @@ def test_training_evaluation_and_predict_score_through_the_same_transform(nih_da
     run = tmp_path / "runs" / "mean-crop"
     rows = predict(["--checkpoint", str(run / "best_finetune.pth"), str(nih_dataset), "--split", "val"])
     trained = pd.read_csv(run / "predictions_finetune_val.csv").set_index("image_id")
-    scored = rows.set_index("image_id").loc[trained.index, trained.columns].astype(float)
-    np.testing.assert_allclose(scored.to_numpy(), trained.to_numpy(), atol=1e-5)
+    labels = list(read_dataset_spec(nih_dataset).label_names)
+    scored = rows.set_index("image_id").loc[trained.index, labels].astype(float)
+    np.testing.assert_allclose(scored.to_numpy(), trained[labels].to_numpy(), atol=1e-5)
 
 
 def test_predict_decodes_new_images_with_the_decoder_that_made_the_dataset(nih_dataset, monkeypatch):

@@ -6,8 +6,8 @@ import torch
 
 from cxr_pipeline.etl.mean_image import MEAN_IMAGE_FILE
 from cxr_pipeline.schema import read_dataset_spec
-from cxr_pipeline.training.data import SplitReader, prefetch, split_row_count
-from cxr_pipeline.training.inputs import InputTransform
+from cxr_pipeline.training.data.inputs import InputTransform
+from cxr_pipeline.training.data.reader import SplitReader, prefetch, split_row_count
 
 
 def test_batches_carry_the_stored_uint8_pixels(nih_dataset):

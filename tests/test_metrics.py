@@ -1,7 +1,7 @@
 """Per-label AUROC against a pairwise reference, and undefined labels."""
 import numpy as np
 
-from cxr_pipeline.training.metrics import mean_auroc, per_label_auroc
+from cxr_pipeline.training.evaluation.metrics import mean_auroc, per_label_auroc
 
 
 def pairwise_auroc(truth, scores):
@@ -28,7 +28,7 @@ def test_auroc_matches_pairwise_definition_and_mean_skips_undefined_labels():
 def test_vectorised_bootstrap_equals_a_slow_per_resample_reference():
     from sklearn.metrics import roc_auc_score
 
-    from cxr_pipeline.training.metrics import patient_resample_weights, weighted_auroc
+    from cxr_pipeline.training.evaluation.metrics import patient_resample_weights, weighted_auroc
 
     rng = np.random.default_rng(1)
     truth = (rng.random(300) < 0.3).astype(float)
@@ -40,7 +40,7 @@ def test_vectorised_bootstrap_equals_a_slow_per_resample_reference():
 
 
 def test_patient_resampling_keeps_a_patients_images_together():
-    from cxr_pipeline.training.metrics import patient_resample_weights
+    from cxr_pipeline.training.evaluation.metrics import patient_resample_weights
 
     patients = np.array(["a", "a", "a", "b", "c", "c"])
     weights = patient_resample_weights(patients, 200, seed=0)
@@ -49,7 +49,7 @@ def test_patient_resampling_keeps_a_patients_images_together():
 
 
 def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_more_patients():
-    from cxr_pipeline.training.metrics import auroc_report
+    from cxr_pipeline.training.evaluation.metrics import auroc_report
 
     rng = np.random.default_rng(2)
 

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_pipeline.training.gradcam import class_activation_map, target_layer
-from cxr_pipeline.training.models import (AGE_MEAN, AGE_STD, METADATA_WIDTH, MODELS, build_model, head_name, in_head,
-                             metadata_features, set_backbone_trainable, uses_metadata)
-from cxr_pipeline.training.schedules import OPTIMIZERS, build_optimizer
+from cxr_pipeline.training.explain.gradcam import class_activation_map, target_layer
+from cxr_pipeline.training.loop.schedules import OPTIMIZERS, build_optimizer
+from cxr_pipeline.training.models.fusion import AGE_MEAN, AGE_STD, METADATA_WIDTH, metadata_features
+from cxr_pipeline.training.models.registry import (MODELS, build_model, head_name, in_head, set_backbone_trainable,
+                                                   uses_metadata)
 
 NUM_LABELS = 3
 IMAGE_SIZE = 64  # tiny_batch's; only pneumonia_cnn24 is built for one size

@@ -4,8 +4,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cxr_pipeline.training import calibration
-from cxr_pipeline.training.operating_points import Policy, choose_threshold, metrics_at, operating_table, parse_policies
+from cxr_pipeline.training.evaluation import calibration
+from cxr_pipeline.training.evaluation.operating_points import (Policy, choose_threshold, metrics_at, operating_table,
+                                                             parse_policies)
 
 
 def scores_and_truth(n=600, seed=0, prevalence=0.3, separation=1.5):

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 
 from conftest import BIN, KERMANY, current, require, run_cli, spark_etl
-from cxr_pipeline.training import checkpoints
-from cxr_pipeline.training.operating_points import DEFAULT_POLICIES
-from cxr_pipeline.training.results import read_results
+from cxr_pipeline.training.evaluation.operating_points import DEFAULT_POLICIES
+from cxr_pipeline.training.evaluation.results import read_results
+from cxr_pipeline.training.loop import checkpoints
 
 
 def test_short_real_pneumonia_run_scores_the_official_test_split(tmp_path):

@@ -1,10 +1,10 @@
-"""--amp and --channels-last (training/precision.py) on CPU: autocast, the fp16 gradient scaler, layout."""
+"""--amp and --channels-last (training/loop/precision.py) on CPU: autocast, the fp16 gradient scaler, layout."""
 import pytest
 import torch
 
-from cxr_pipeline.training.models import build_model
-from cxr_pipeline.training import precision as precision_module
-from cxr_pipeline.training.precision import Precision
+from cxr_pipeline.training.loop import precision as precision_module
+from cxr_pipeline.training.loop.precision import Precision
+from cxr_pipeline.training.models.registry import build_model
 
 CPU = torch.device("cpu")
 

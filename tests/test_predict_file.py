@@ -9,8 +9,9 @@ import torch
 
 from conftest import BIN, NIH, require, run_cli
 from cxr_pipeline.schema import read_dataset_spec
-from cxr_pipeline.training import calibration, checkpoints
-from cxr_pipeline.training.models import build_model
+from cxr_pipeline.training.evaluation import calibration
+from cxr_pipeline.training.loop import checkpoints
+from cxr_pipeline.training.models.registry import build_model
 from cxr_pipeline.training.predict import main as predict
 
 
@@ -93,3 +94,26 @@ def test_predict_cli_help_and_a_size_mismatch(nih_dataset, tmp_path):
     checkpoint = save_checkpoint(tmp_path / "best.pth", spec)
     with pytest.raises(SystemExit, match="rerun the ETL at that size"):
         predict(["--checkpoint", str(checkpoint), str(nih_dataset)])
+
+
+def test_results_table_holds_one_row_per_image_and_checkpoint(nih_dataset, tmp_path):
+    """predict --results-table: the rows read back from the Delta table, in the table's columns; scoring some of
+    the images again replaces their rows rather than adding to them."""
+    from deltalake import DeltaTable
+
+    from cxr_pipeline.training.serving.predictions import columns
+
+    spec = read_dataset_spec(nih_dataset)
+    checkpoint = save_checkpoint(tmp_path / "best.pth", spec)
+    images = [str(path) for path in sorted(require(NIH / "images").glob("*.png"))[:3]]
+    table = str(tmp_path / "scores")
+    predict(["--checkpoint", str(checkpoint), *images[:2], "--results-table", table])
+    again = predict(["--checkpoint", str(checkpoint), *images, "--results-table", table]).set_index("image_id")
+    stored = DeltaTable(table).to_pandas()
+    assert list(stored.columns) == columns(spec.label_names, table=True) and len(DeltaTable(table).history()) == 2
+    assert sorted(stored["image_id"]) == images and set(stored["model_uri"]) == {str(checkpoint.resolve())}
+    assert set(stored["checkpoint_sha256"]) == {checkpoints.recorded_sha256(checkpoint)}
+    stored = stored.set_index("image_id").loc[images]
+    labels = list(spec.label_names)
+    assert np.allclose(stored[labels].to_numpy(float), again.loc[images, labels].to_numpy(float), atol=1e-12)
+    assert (stored["scored_at"] == again["scored_at"].iloc[0]).all()  # the second run's rows, not the first's

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import (BIN, KERMANY, NIH, ROOT, chexpert_table, current, require, run_cli, spark_etl,
                       write_chexpert_images)
-from cxr_pipeline.training import checkpoints
+from cxr_pipeline.training.loop import checkpoints
 
 RECIPES = sorted((ROOT / "conf" / "recipes").glob("*.yaml"))
 SIZE = 64

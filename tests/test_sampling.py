@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from cxr_pipeline.schema import read_dataset_spec
-from cxr_pipeline.training.data import SplitReader, label_table
-from cxr_pipeline.training.sampling import Oversampler
+from cxr_pipeline.training.data.reader import SplitReader, label_table
+from cxr_pipeline.training.data.sampling import Oversampler
 
 
 def test_binary_minority_is_repeated_up_to_the_majority():

@@ -1,8 +1,10 @@
-"""The MLflow model (training/serving.py) and batch scoring on Spark (jobs/score.py): a checkpoint logged and
-registered, reloaded, and scoring real NIH PNGs, a pediatric pneumonia JPEG and a DICOM file, by path and by
+"""The MLflow model (training/serving/mlflow_model.py) and batch scoring on Spark (jobs/score.py): a checkpoint
+logged and registered, reloaded, and scoring real NIH PNGs, a pediatric pneumonia JPEG and a DICOM file, by path and by
 bytes, as training.predict does; the Spark job on local[2] writing one Delta row per image and model version,
 unreadable files included with their reason, and adding nothing when run again."""
+import argparse
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,9 +15,10 @@ from deltalake import DeltaTable
 from conftest import BIN, DICOM, KERMANY, NIH, require, run_cli
 from cxr_pipeline.etl.images import decode_resize
 from cxr_pipeline.schema import read_dataset_spec
-from cxr_pipeline.training import checkpoints
-from cxr_pipeline.training.models import build_model
+from cxr_pipeline.training.loop import checkpoints
+from cxr_pipeline.training.models.registry import build_model
 from cxr_pipeline.training.predict import main as predict
+from cxr_pipeline.training.serving.predictions import SCORED_AT, columns, table_column
 
 MODEL_NAME = "cxr-score-test"
 
@@ -39,22 +42,26 @@ def logged(nih_dataset, tmp_path_factory):
     store = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", store)
-        from cxr_pipeline.training import serving
+        from cxr_pipeline.training.serving import mlflow_model
 
         experiment = mlflow.MlflowClient().create_experiment("score-test", (folder / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            info = serving.log_model(checkpoint, registered_model_name=MODEL_NAME)
+            info = mlflow_model.log_model(checkpoint, registered_model_name=MODEL_NAME)
         yield {"store": store, "checkpoint": checkpoint, "spec": spec, "info": info}
 
 
-def images(tmp_path):
-    """Real images of three kinds and two broken files, in one folder."""
+def images(tmp_path, copy=False):
+    """Real images of three kinds and two broken files, in one folder (links to the shared data, or `copy`: copies,
+    for the model, which reads no path leading out of the folder it is allowed)."""
     folder = tmp_path / "incoming"
     folder.mkdir()
     chosen = [*sorted(require(NIH / "images").glob("*.png"))[:4], *sorted(require(KERMANY).rglob("*.jpeg"))[:2],
               sorted(require(DICOM).glob("*.dcm"))[0]]
     for path in chosen:
-        (folder / path.name).symlink_to(path)
+        if copy:
+            shutil.copy(path, folder / path.name)
+        else:
+            (folder / path.name).symlink_to(path)
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     (folder / "empty.jpeg").write_bytes(b"")
     return folder
@@ -68,16 +75,18 @@ def test_the_registered_model_scores_paths_and_bytes_as_predict_does(logged, tmp
     spec = logged["spec"]
     assert [column.name for column in model.metadata.get_input_schema().inputs] == ["path", "content", "pixels_u8"]
     assert model.metadata.saved_input_example_info is not None  # a synthetic PNG, no patient's pixels
-    from cxr_pipeline.training.serving import cached_model
+    from cxr_pipeline.training.serving.mlflow_model import cached_model
 
     local = mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path / "model"))
     assert cached_model(local) is cached_model(local)  # what each Spark worker does: one load per process
-    folder = images(tmp_path)
+    folder = images(tmp_path, copy=True)
     paths = sorted(str(path) for path in folder.iterdir()) + [str(tmp_path / "gone.png")]
-    expected = predict(["--checkpoint", str(logged["checkpoint"]), *paths]).drop(columns=["image_id", "path"])
+    expected = predict(["--checkpoint", str(logged["checkpoint"]), *paths])
+    monkeypatch.setenv("CXR_MODEL_PATH_ROOT", str(tmp_path))  # the model reads paths below it only
     by_path = model.predict(pd.DataFrame({"path": paths}))
     labels = list(spec.label_names)
-    assert list(by_path.columns) == list(expected.columns)
+    assert list(by_path.columns) == list(expected.columns) and by_path["image_id"].tolist() == paths
+    assert (by_path["checkpoint_sha256"] == expected["checkpoint_sha256"]).all() and by_path["model_uri"].isna().all()
     assert np.array_equal(by_path[labels].to_numpy(float), expected[labels].to_numpy(float), equal_nan=True)
     decisions = [f"{label}_positive" for label in labels]
     assert by_path[decisions].astype(str).equals(expected[decisions].astype(str))
@@ -100,6 +109,49 @@ def test_the_registered_model_scores_paths_and_bytes_as_predict_does(logged, tmp
     assert by_pixels["error"].iloc[-1].startswith("wrong_size")
 
 
+def test_training_predict_the_mlflow_model_and_the_scores_table_write_one_schema(logged, nih_dataset, tmp_path,
+                                                                                 monkeypatch):
+    """One model, four writers: train.py's predictions CSV, predict --output, the MLflow model's output and the
+    rows jobs/score.py writes (the Spark jobs below check the table holds those columns) have the same columns,
+    and the two files of one checkpoint the same scores, decisions and identity."""
+    import mlflow
+
+    from cxr_pipeline.jobs.score import table_rows
+    from cxr_pipeline.training.evaluation.gathered import Predictions
+    from cxr_pipeline.training.loop.distributed import Single
+    from cxr_pipeline.training.loop.outputs import RunOutputs
+
+    run_dir = tmp_path / "run-7"  # a run folder as train.py leaves it: the best checkpoint names its run
+    run_dir.mkdir()
+    checkpoints.save({**checkpoints.load(logged["checkpoint"]), "run_id": "run-7", "dataset_version": "v1"},
+                     run_dir / "best_finetune.pth")
+    spec, labels = logged["spec"], list(logged["spec"].label_names)
+    predicted = predict(["--checkpoint", str(run_dir / "best_finetune.pth"), str(nih_dataset), "--split", "test",
+                         "--output", str(tmp_path / "predict.csv")])
+    checkpoint = checkpoints.load(run_dir / "best_finetune.pth")
+    outputs = RunOutputs(argparse.Namespace(run_id="run-7", dataset_version="v1"), Single(), spec, run_dir, [], None)
+    outputs.save_predictions("finetune", "test", Predictions(predicted["image_id"].tolist(), [],
+                                                             predicted[labels].to_numpy(), np.empty(0)),
+                             checkpoint["thresholds"])
+    trained = pd.read_csv(run_dir / "predictions_finetune_test.csv")
+    from_predict = pd.read_csv(tmp_path / "predict.csv")
+    assert list(trained.columns) == list(from_predict.columns) == columns(labels)
+    same = [name for name in columns(labels) if name != SCORED_AT]
+    pd.testing.assert_frame_equal(trained[same], from_predict[same])
+    assert set(trained["run_id"]) == {"run-7"} and set(trained["dataset_version"]) == {"v1"}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["store"])
+    monkeypatch.setenv("CXR_MODEL_PATH_ROOT", str(NIH / "images"))
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
+    images = pd.DataFrame({"image_id": ["a.png", "b.png"],
+                           "path": [str(path) for path in sorted(require(NIH / "images").glob("*.png"))[:2]]})
+    served = model.predict(images[["path"]])
+    assert list(served.columns) == columns(labels)
+    table = table_rows(served, images, f"models:/{MODEL_NAME}/1", labels)  # NIH's label names suit Delta as they are
+    assert [*table.columns, SCORED_AT] == columns(labels, table=True) == columns(labels)
+    assert table["image_id"].tolist() == ["a.png", "b.png"] and set(table["model_uri"]) == {f"models:/{MODEL_NAME}/1"}
+
+
 def test_spark_job_scores_each_image_once_per_model_version(logged, tmp_path):
     folder = images(tmp_path)
     table = tmp_path / "scores"
@@ -107,8 +159,11 @@ def test_spark_job_scores_each_image_once_per_model_version(logged, tmp_path):
     score = [BIN / "python", "jobs/score.py", "--master", "local[2]", "--model-uri", f"models:/{MODEL_NAME}/latest",
              "--images", folder, "--table", table, "--batch-size", 3]
     run_cli(*score, env=env)
-    rows = DeltaTable(str(table)).to_pandas().set_index("image_id").sort_index()
+    rows = DeltaTable(str(table)).to_pandas()
+    assert list(rows.columns) == columns(logged["spec"].label_names, table=True)  # training/serving/predictions.py's
+    rows = rows.set_index("image_id").sort_index()
     assert len(rows) == 9 and set(rows["model_uri"]) == {f"models:/{MODEL_NAME}/1"}  # `latest` pinned
+    assert set(rows["checkpoint_sha256"]) == {checkpoints.recorded_sha256(logged["checkpoint"])}
     assert rows.loc["broken.png", "error"].startswith("not_an_image")
     assert rows.loc["empty.jpeg", "error"].startswith("empty_file")
     assert (rows.drop(index=["broken.png", "empty.jpeg"])["error"] == "").all()
@@ -145,7 +200,7 @@ def test_spark_job_scores_an_etl_dataset_like_predict(logged, nih_dataset, tmp_p
 
 
 def test_a_batch_that_fails_is_scored_row_by_row_and_bad_rows_get_a_reason():
-    from cxr_pipeline.jobs.score import column_name, predict_or_explain
+    from cxr_pipeline.jobs.score import predict_or_explain
 
     class Fussy:
         def predict(self, frame, params=None):
@@ -156,7 +211,29 @@ def test_a_batch_that_fails_is_scored_row_by_row_and_bad_rows_get_a_reason():
     scored = predict_or_explain(Fussy(), pd.DataFrame({"path": ["a", "poison", "b"]}), batch_size=3)
     assert scored["A"].tolist()[::2] == [0.5, 0.5] and np.isnan(scored["A"].iloc[1])
     assert scored["error"].tolist() == ["", "scoring_failed: RuntimeError: decoder crashed", ""]
-    assert column_name("No Finding") == "No_Finding" and column_name("Pleural_Thickening") == "Pleural_Thickening"
+    assert table_column("No Finding") == "No_Finding" and table_column("Pleural_Thickening") == "Pleural_Thickening"
+
+
+def test_executors_read_the_files_and_give_the_model_bytes_with_predicts_reasons_for_unread_ones(tmp_path):
+    """The model reads no paths (training/serving/mlflow_model.py): jobs/score.py's executors read each file and
+    pass its bytes; a missing or unreadable file goes as nothing, its reason the one training.predict gives."""
+    from cxr_pipeline.jobs.score import model_input
+    from cxr_pipeline.schema import DatasetSpec
+    from cxr_pipeline.training.serving.scorer import read_batches
+
+    image = sorted(require(NIH / "images").glob("*.png"))[0]
+    (tmp_path / "a_folder.png").mkdir()
+    paths = [str(image), str(tmp_path / "gone.png"), str(tmp_path / "a_folder.png")]
+    batch = pd.DataFrame({"image_id": ["a", "b", "c"], "path": paths}, index=[7, 8, 9])
+    frame, unread = model_input(batch, "path")
+    assert list(frame.columns) == ["content"] and list(frame.index) == list(unread.index) == [7, 8, 9]
+    assert frame["content"].iloc[0] == image.read_bytes() and frame["content"].iloc[1:].isna().all()
+    _, _, _, errors = next(read_batches([(p, Path(p)) for p in paths], DatasetSpec("x", ("A",), 32), 8))
+    assert unread.tolist() == ["", errors[1], errors[2]]
+    assert errors[1].startswith("image_missing") and errors[2].startswith("unreadable_file")
+    pixels = pd.DataFrame({"pixels_u8": [b"\x00"]}, index=[3])
+    as_stored, no_errors = model_input(pixels, "pixels_u8")  # ETL rows go as they are
+    assert as_stored.equals(pixels) and no_errors.tolist() == [""]
 
 
 def test_spark_job_merges_through_delta_on_spark_into_a_catalog_table_and_adds_nothing_when_rerun(

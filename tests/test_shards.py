@@ -1,4 +1,4 @@
-"""Every train row once per epoch at any number of ranks (training/shards.py), whatever the row groups hold:
+"""Every train row once per epoch at any number of ranks (training/data/shards.py), whatever the row groups hold:
 the plan on its own for 1 to 16 ranks, the loader on real partitions, and real Horovod ranks over Gloo."""
 import collections
 import json
@@ -10,8 +10,8 @@ import pytest
 
 from conftest import BIN, run_cli
 from cxr_pipeline.schema import read_dataset_spec, split_dir
-from cxr_pipeline.training.data import SplitReader, split_row_count
-from cxr_pipeline.training.shards import SplitIndex, plan_pass, split_index
+from cxr_pipeline.training.data.reader import SplitReader, split_row_count
+from cxr_pipeline.training.data.shards import SplitIndex, plan_pass, split_index
 
 UNEQUAL = [1, 7, 2, 30, 3, 11, 5, 1, 19, 4]  # rows per row group, deliberately unequal
 

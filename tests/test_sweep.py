@@ -1,4 +1,6 @@
-"""training/sweep.py: a real tiny grid over the NIH ETL output, one size of it failing, compared in one table."""
+"""training/sweep.py (the command), training/loop/grid.py (the cells and their train.py runs) and
+training/evaluation/comparison.py (the table): a real tiny grid over the NIH ETL output, one size of it failing,
+compared in one table."""
 import html
 from pathlib import Path
 
@@ -11,7 +13,8 @@ from conftest import BIN, run_cli
 from cxr_pipeline.etl.sources.nih import LABEL_NAMES
 from cxr_pipeline.training import sweep
 from cxr_pipeline.training.evaluate import main as evaluate
-from cxr_pipeline.training.results import read_results
+from cxr_pipeline.training.evaluation.results import read_results
+from cxr_pipeline.training.loop import grid
 
 MODELS = ["small_cnn", "resnet18"]
 STAGES = ["kt", "finetune"]
@@ -94,10 +97,10 @@ def test_a_grid_is_trained_compared_in_one_table_and_a_failed_cell_is_reported(n
 
 
 def test_flags_the_grid_sets_or_train_py_refuses_stop_the_sweep_before_it_trains(tmp_path):
-    grid = ["--dataset", f"64={tmp_path}", "--output-dir", str(tmp_path / "sweeps"), "--model", "small_cnn"]
+    grid_flags = ["--dataset", f"64={tmp_path}", "--output-dir", str(tmp_path / "sweeps"), "--model", "small_cnn"]
     with pytest.raises(SystemExit, match="--model is set by the sweep's --model.*--run-id is set by the sweep's"):
-        sweep.main([*grid, "--", "--model", "resnet18", "--run-id", "mine"])
-    for mistake in ([*grid, "--", "--epochs-kt", "one"], [*grid, "no_such_model"]):  # as train.py would say
+        sweep.main([*grid_flags, "--", "--model", "resnet18", "--run-id", "mine"])
+    for mistake in ([*grid_flags, "--", "--epochs-kt", "one"], [*grid_flags, "no_such_model"]):  # as train.py would say
         with pytest.raises(SystemExit) as refused:
             sweep.main(mistake)
         assert refused.value.code == 2
@@ -108,12 +111,12 @@ def test_the_command_line_replaces_the_config_lists_and_sizes_come_ascending(tmp
     config = write_config(tmp_path, tmp_path / "a", tmp_path / "b")
     from_file = sweep.resolve(["--config", str(config), "--sweep-id", "s"])
     assert from_file.model == MODELS
-    assert [(cell.model, cell.size) for cell in sweep.make_grid(from_file)] == [
+    assert [(cell.model, cell.size) for cell in grid.make_grid(from_file)] == [
         ("small_cnn", 32), ("small_cnn", 64), ("resnet18", 32), ("resnet18", 64)]
     flags = sweep.resolve(["--config", str(config), "--model", "resnet50", "--model", "densenet121",
                            "--dataset", "512=/data/nih_512", "256=/data/nih_256"])
     assert flags.model == ["resnet50", "densenet121"] and flags.dataset == ["512=/data/nih_512", "256=/data/nih_256"]
-    assert [cell.run_id.removeprefix(flags.sweep_id) for cell in sweep.make_grid(flags)] == [
+    assert [cell.run_id.removeprefix(flags.sweep_id) for cell in grid.make_grid(flags)] == [
         "-resnet50-256", "-resnet50-512", "-densenet121-256", "-densenet121-512"]
     with pytest.raises(SystemExit, match="size 256 given twice"):
         sweep.resolve(["--dataset", "256=/a", "256=/b", "--model", "resnet50"])
@@ -121,14 +124,14 @@ def test_the_command_line_replaces_the_config_lists_and_sizes_come_ascending(tmp
 
 def test_each_run_gets_a_gpu_of_its_own_or_a_share_of_the_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert sweep.default_parallel([], 2) == 1 and sweep.default_parallel([], 16) == 8
-    assert sweep.default_parallel(["2", "5"], 16) == 2
-    assert [sweep.run_environment(slot, 4, ["2", "5"], 16) for slot in range(4)] == [
+    assert grid.default_parallel([], 2) == 1 and grid.default_parallel([], 16) == 8
+    assert grid.default_parallel(["2", "5"], 16) == 2
+    assert [grid.run_environment(slot, 4, ["2", "5"], 16) for slot in range(4)] == [
         {"CUDA_VISIBLE_DEVICES": gpu} for gpu in ("2", "5", "2", "5")]
-    assert sweep.run_environment(0, 1, [], 2) == {"OMP_NUM_THREADS": "2"}
-    assert sweep.run_environment(3, 4, [], 16) == {"OMP_NUM_THREADS": "4"}
+    assert grid.run_environment(0, 1, [], 2) == {"OMP_NUM_THREADS": "2"}
+    assert grid.run_environment(3, 4, [], 16) == {"OMP_NUM_THREADS": "4"}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert sweep.run_environment(0, 4, [], 16) == {}  # the user's setting stands
+    assert grid.run_environment(0, 4, [], 16) == {}  # the user's setting stands
 
 
 def test_a_run_past_its_timeout_is_stopped_and_counted_as_failed(tmp_path):

@@ -8,9 +8,9 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from cxr_pipeline.schema import DatasetSpec
-from cxr_pipeline.training.metrics import bootstrap_auroc_ci, per_label_auroc
-from cxr_pipeline.training.operating_points import Policy, choose_thresholds
-from cxr_pipeline.training.targets import LabelLayout, LabelLoss, positive_weights
+from cxr_pipeline.training.data.targets import LabelLayout, LabelLoss, positive_weights
+from cxr_pipeline.training.evaluation.metrics import bootstrap_auroc_ci, per_label_auroc
+from cxr_pipeline.training.evaluation.operating_points import Policy, choose_thresholds
 
 NAMES = ("Atelectasis", "Cardiomegaly", "Edema")
 

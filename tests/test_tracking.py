@@ -1,4 +1,4 @@
-"""train.py's MLflow run (training/tracking.py): parameters, per-epoch metrics per stage, per-label AUROC, the
+"""train.py's MLflow run (training/serving/tracking.py): parameters, per-epoch metrics per stage, per-label AUROC, the
 report and plots, Grad-CAM examples, the environment, and the model, which reloads from the registry and
 scores real images as training.predict does; the Delta rows carry the MLflow run id."""
 import argparse
@@ -11,9 +11,11 @@ from deltalake import write_deltalake
 
 from conftest import BIN, KERMANY, NIH, require, run_cli
 from cxr_pipeline.etl import versions
-from cxr_pipeline.training import tracking
-from cxr_pipeline.training.distributed import Single
-from cxr_pipeline.training.results import RESULT_SCHEMA, write_results, read_results
+from cxr_pipeline.training.evaluation.results import RESULT_SCHEMA, write_results, read_results
+from cxr_pipeline.training.explain import overlays
+from cxr_pipeline.training.loop.distributed import Single
+from cxr_pipeline.training.serving import tracking
+from cxr_pipeline.training.serving.predictions import IDENTITY_COLUMNS, PREVALENCE_COLUMN, SCORED_AT
 
 NO_SERVER = {"MLFLOW_TRACKING_URI": "", "MLFLOW_EXPERIMENT_NAME": ""}  # the local store in the run's folder
 
@@ -67,7 +69,7 @@ def test_a_training_run_is_an_mlflow_run_whose_model_scores_like_predict(nih_dat
                  "finetune/reliability_finetune_val.png", "finetune/operating_points_finetune.csv",
                  "finetune/auroc_rows.csv"):
         assert name in artifacts, name
-    assert len([name for name in artifacts if name.startswith("gradcam/")]) == tracking.GRADCAM_EXAMPLES
+    assert len([name for name in artifacts if name.startswith("gradcam/")]) == overlays.EXAMPLES
     auroc_table = pd.read_csv(client.download_artifacts(run.info.run_id, "auroc_table.csv", str(tmp_path)),
                               index_col=0)
     assert list(auroc_table.columns) == ["kt/val", "kt/test", "finetune/val", "finetune/test"]
@@ -77,12 +79,16 @@ def test_a_training_run_is_an_mlflow_run_whose_model_scores_like_predict(nih_dat
 
     # the registered model: the last stage's best checkpoint, scoring real files exactly as predict does
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("CXR_MODEL_PATH_ROOT", str(NIH.parent))  # the model reads paths below it only
     model = mlflow.pyfunc.load_model("models:/cxr-nih-test/1")
     assert model.metadata.metadata["dataset_version"] == version
     images = [*sorted(require(NIH / "images").glob("*.png"))[:2], sorted(require(KERMANY).rglob("*.jpeg"))[0]]
     scored = model.predict(pd.DataFrame({"path": [str(path) for path in images]}))
     expected = predict(["--checkpoint", str(run_dir / "best_finetune.pth"), *map(str, images)])
-    labels = [name for name in scored.columns if name in set(expected.columns) - {"image_id", "path"}]
+    assert list(scored.columns) == list(expected.columns)  # training/serving/predictions.py's, both
+    assert (scored["run_id"] == run_dir.name).all() and (scored["dataset_version"] == version).all()
+    labels = [name for name in scored.columns
+              if name not in {"image_id", "path", PREVALENCE_COLUMN, *IDENTITY_COLUMNS, SCORED_AT}]
     assert len(labels) == 2 * 14 + 1 and (scored["error"] == "").all()
     decisions = [name for name in labels if name.endswith("_positive")]
     scores = [name for name in labels if name not in decisions and name != "error"]
@@ -112,8 +118,8 @@ def test_a_resumed_run_continues_its_mlflow_run_and_no_mlflow_logs_nothing(nih_d
 STARTER = """
 import argparse, sys
 from cxr_pipeline.schema import DatasetSpec
-from cxr_pipeline.training import tracking
-from cxr_pipeline.training.distributed import Single
+from cxr_pipeline.training.loop.distributed import Single
+from cxr_pipeline.training.serving import tracking
 args = argparse.Namespace(run_id=sys.argv[2], resume=None, dataset="d", dataset_version=None, no_mlflow=False,
                           register_model=None, mlflow_experiment=None)
 print(tracking.start(args, __import__("pathlib").Path(sys.argv[1]) / sys.argv[2], DatasetSpec("nih", ("A",), 8),

@@ -8,7 +8,7 @@ from deltalake import DeltaTable
 
 from conftest import BIN, NIH, run_cli
 from cxr_pipeline.etl.sources.nih import LABEL_NAMES
-from cxr_pipeline.training.results import read_results
+from cxr_pipeline.training.evaluation.results import read_results
 
 ROWS_PER_STAGE = 2 * (len(LABEL_NAMES) + 1)  # val and test, each label plus the mean
 
@@ -165,8 +165,8 @@ def test_torch_distributor_trains_publishes_through_spark_and_a_retry_resumes(ni
 
 def test_ensemble_of_the_best_epochs_averages_members_and_scores_like_a_model(nih_dataset, tmp_path):
     from cxr_pipeline.schema import read_dataset_spec
-    from cxr_pipeline.training import checkpoints
     from cxr_pipeline.training.ensemble import main as ensemble, score_checkpoint
+    from cxr_pipeline.training.loop import checkpoints
 
     run_cli(BIN / "python", *train_args(nih_dataset, tmp_path, "--stages", "finetune", "--epochs-finetune", 3,
                                         "--keep-epochs", 2))
@@ -180,13 +180,16 @@ def test_ensemble_of_the_best_epochs_averages_members_and_scores_like_a_model(ni
     members = [str(p) for p in kept] + [str(run_dir / "predictions_finetune_test.csv")]
     report = ensemble(["--dataset", str(nih_dataset), "--split", "test", "--output-dir", str(tmp_path / "ens"),
                        "--results-table", str(tmp_path / "results"), "--bootstrap", "100", *members])
-    averaged = pd.read_csv(tmp_path / "ens" / "predictions_ensemble_test.csv").set_index("image_id")
-    best = pd.read_csv(run_dir / "predictions_finetune_test.csv").set_index("image_id").loc[averaged.index]
+    labels = list(LABEL_NAMES)
+    written = pd.read_csv(tmp_path / "ens" / "predictions_ensemble_test.csv").set_index("image_id")
+    averaged = written[labels]
+    best = pd.read_csv(run_dir / "predictions_finetune_test.csv").set_index("image_id").loc[averaged.index, labels]
     spec = read_dataset_spec(nih_dataset)
     epochs = [score_checkpoint(p, nih_dataset, "test", spec, 8).loc[averaged.index] for p in kept]
     assert ((averaged - (epochs[0] + epochs[1] + best) / 3).abs().to_numpy().max()) < 1e-5
     rows = read_results(str(tmp_path / "results")).query("model == 'ensemble'")
     assert len(rows) == len(LABEL_NAMES) + 1 and rows.set_index("label").loc["mean", "auroc"] == report[-1]["auroc"]
+    assert set(written["run_id"]) == set(rows["run_id"])  # the averaged predictions name the ensemble's run
     from cxr_pipeline.training.report import main as write_report  # the ensemble is the table's latest run
 
     page = write_report(["--table", str(tmp_path / "results")]).read_text()

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from conftest import CHEXPERT_TRAIN_CSV, require
-from cxr_pipeline.schema import DatasetSpec, metadata_columns
 from cxr_pipeline.etl.sources.chexpert import LABEL_NAMES
 from cxr_pipeline.etl.uncertainty import apply_policy, parse_policies, relabel_uncertain
+from cxr_pipeline.schema import DatasetSpec, metadata_columns
 
 NAN = float("nan")
 

@@ -14,8 +14,8 @@ import yaml
 from conftest import BIN, NIH, ROOT, run_cli, spark_etl
 from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.hold_points import VARIABLE
-from cxr_pipeline.training import checkpoints
-from cxr_pipeline.training.results import read_results
+from cxr_pipeline.training.evaluation.results import read_results
+from cxr_pipeline.training.loop import checkpoints
 from test_faults import hold_pipe, release, sha256, wait_for
 from test_training import train_args
 

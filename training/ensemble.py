@@ -17,35 +17,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import DatasetSpec, read_dataset_spec
-from cxr_pipeline.training import predict
-from cxr_pipeline.training.data import METADATA_COLUMNS, SplitReader
+from cxr_pipeline.training.data.reader import METADATA_COLUMNS, SplitReader
 from cxr_pipeline.training.evaluate import print_report, score
-from cxr_pipeline.training.metrics import mean_auroc, per_label_auroc
-from cxr_pipeline.training.models import metadata_features, uses_metadata
-from cxr_pipeline.training.plots import roc_curves
-from cxr_pipeline.training.results import ENGINES, write_results
+from cxr_pipeline.training.evaluation.metrics import mean_auroc, per_label_auroc
+from cxr_pipeline.training.evaluation.plots import roc_curves
+from cxr_pipeline.training.evaluation.results import add_engine_argument, write_results
+from cxr_pipeline.training.loop.run_ids import new_run_id
+from cxr_pipeline.training.models.fusion import metadata_features
+from cxr_pipeline.training.models.registry import uses_metadata
+from cxr_pipeline.training.serving.predictions import ModelIdentity, prediction_frame, write_predictions_csv
+from cxr_pipeline.training.serving.scorer import check_pixels, load
 
 
 @torch.no_grad()
 def score_checkpoint(path: Path, dataset: Path, split: str, spec: DatasetSpec, batch_size: int) -> pd.DataFrame:
     """Probabilities of a train.py checkpoint on a split (calibrated where the checkpoint carries a
     calibration), one row per image_id."""
-    scorer = predict.load(str(path))
+    scorer = load(str(path))
     trained_on = scorer.spec
     if trained_on.label_names != spec.label_names or trained_on.label_policies != spec.label_policies:
         raise SystemExit(f"{path} was trained on labels {list(trained_on.label_names)}, not those of {dataset}")
-    if trained_on.image_size != spec.image_size:
-        raise SystemExit(f"{path} was trained at {trained_on.image_size} px, {dataset} is {spec.image_size} px: score "
-                         "it on its own dataset (its predictions CSV) and pass that file instead")
+    check_pixels(trained_on, spec, dataset, instead=f"pass {path.name}'s predictions CSV of a dataset of that size "
+                                                    "(train.py writes one per split)")
     fused = uses_metadata(scorer.model_name)
     frames = []
     for batch in SplitReader(dataset, split, spec, batch_size, with_metadata=fused):
@@ -86,8 +88,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--output-dir", help="where the averaged predictions and ROC PNG go "
                                              "(default outputs/ensembles/RUN_ID)")
     parser.add_argument("--results-table", help="also append the rows to this Delta table")
-    parser.add_argument("--results-engine", choices=ENGINES, default="auto",
-                        help="auto (default), deltalake or delta-spark, as for train.py")
+    add_engine_argument(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="for scoring checkpoints")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient-level resamples for 95%% CIs")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,10 +107,13 @@ def main(argv=None) -> list[dict]:
                                                  spec.label_names))
         print(f"  member {name}: mean AUROC {'n/a' if member_mean is None else f'{member_mean:.4f}'}")
 
-    run_id = datetime.now(timezone.utc).strftime("ensemble-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    run_id = new_run_id("ensemble")
     output = Path(args.output_dir or Path("outputs/ensembles") / run_id)
     output.mkdir(parents=True, exist_ok=True)
-    averaged.to_csv(output / f"predictions_ensemble_{args.split}.csv", float_format="%.6f")
+    no_decisions = np.full(averaged.shape, np.nan)  # an ensemble has no operating point of its own
+    rows = prediction_frame(spec.label_names, averaged.index, [f"{args.split}/{i}" for i in averaged.index],
+                            averaged.to_numpy(), no_decisions, [""] * len(averaged), ModelIdentity(run_id=run_id))
+    write_predictions_csv(rows, output / f"predictions_ensemble_{args.split}.csv")
     roc_curves(aligned.truth, aligned.scores, report, output / f"roc_ensemble_{args.split}.png",
                f"ensemble of {len(frames)}, {args.split}: {len(aligned.image_ids)} images")
     if args.results_table:

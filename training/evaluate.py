@@ -4,21 +4,24 @@ reliability plots, an HTML page and, on request, Delta rows. No ETL needed.
     # any tool's predictions against the labels file of the download
     python -m training.evaluate --predictions preds.csv --labels-csv Data_Entry_2017.csv --output-dir eval/
     python -m training.evaluate --predictions preds.csv --labels-csv CheXpert-v1.0/valid.csv
-    # one CSV with both: truth in `<label>`, scores in `<label>_prob`
-    python -m training.evaluate --predictions both.csv --labels-csv both.csv --score-suffix _prob
+    # one CSV with both: truth in `<label>`, scores in `<label>_prob` (found without being told)
+    python -m training.evaluate --predictions both.csv --labels-csv both.csv
+    # score columns named another way than `<label>`, `prob_<label>` or `<label>_prob`
+    python -m training.evaluate --predictions preds.csv --labels-csv valid.csv --score-columns '{label}_score'
     # against a split of an ETL dataset (train.py writes RUN_DIR/predictions_<stage>_<split>.csv)
     python -m training.evaluate --dataset /data/nih_224 --split test --predictions preds.csv
 
-Predictions: an id column (`image_id`, `Image Index` or `Path`) and one score column per label.
-Labels are matched by name in any spelling (training/label_files.py says which files and
-values are understood); whatever is left out is counted and printed, never dropped silently.
+Predictions: an id column (`image_id`, `Image Index` or `Path`) and one score column per label, named
+`<label>`, `prob_<label>` (the public CheXNet reproductions) or `<label>_prob`: the template that fits
+most labels is used and printed; `--score-columns TEMPLATE` names another. Labels are matched by name in
+any spelling (training/evaluation/label_files.py says which files and values are understood); whatever is
+left out is counted and printed, never dropped silently.
 """
 from __future__ import annotations
 
 import argparse
 import html
 import json
-import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,13 +31,15 @@ import pyarrow.parquet as pq
 
 from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import LABEL_MASK_COLUMN, DatasetSpec, read_dataset_spec, split_dir
-from cxr_pipeline.training import calibration, label_files
-from cxr_pipeline.training.label_files import Aligned
-from cxr_pipeline.training.metrics import auroc_report
-from cxr_pipeline.training.plots import reliability_diagram, roc_curves
-from cxr_pipeline.training.report import STYLE, image_tag, number_table
-from cxr_pipeline.training.results import write_results
-from cxr_pipeline.training.targets import LabelLayout
+from cxr_pipeline.training.data.targets import LabelLayout
+from cxr_pipeline.training.evaluation import calibration, label_files, metric_columns
+from cxr_pipeline.training.evaluation.html_tables import STYLE, image_tag, number_table
+from cxr_pipeline.training.evaluation.label_files import Aligned
+from cxr_pipeline.training.evaluation.metrics import auroc_report
+from cxr_pipeline.training.evaluation.plots import reliability_diagram, roc_curves
+from cxr_pipeline.training.evaluation.results import write_results
+from cxr_pipeline.training.loop.run_ids import new_run_id
+from cxr_pipeline.training.serving.predictions import ModelIdentity, read_identity
 
 
 def load_truth(dataset: Path, split: str, spec: DatasetSpec) -> pd.DataFrame:
@@ -123,14 +128,19 @@ def write_outputs(output_dir: Path, title: str, report: list[dict], aligned: Ali
     return output_dir / "report.html"
 
 
-def result_rows(report: list[dict], split: str, source: str, model: str) -> list[dict]:
-    """Rows for the Delta results table, under a run id of their own."""
-    run_id = datetime.now(timezone.utc).strftime("eval-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+def result_rows(report: list[dict], split: str, source: str, model: str, computed_values: dict, run_id: str,
+                identity: ModelIdentity, evaluated: str) -> list[dict]:
+    """Rows for the Delta results table, under `run_id` (the training run that made the predictions, where the
+    file names it) as stage `external:<evaluated file>`, so evaluating another file of the run adds rows and
+    evaluating the same one again replaces them; the checkpoint's sha256 and the model URI go in model_config,
+    the run's dataset version in its column. `computed_values` are metric_columns.computed()'s figures of the
+    scores (none for scores that are not probabilities)."""
     created = datetime.now(timezone.utc)
-    return [{"run_id": run_id, "created_at": created, "dataset": source, "model": model, "stage": "external",
-             "split": split, **{k: row.get(k) for k in ("label", "auroc", "auroc_ci_low", "auroc_ci_high",
-                                                         "auroc_weighted", "n_pos", "n_neg")},
-             "model_config": json.dumps({"evaluated": model})} for row in report]
+    lineage = {"evaluated": evaluated, "checkpoint_sha256": identity.checkpoint_sha256, "model_uri": identity.model_uri}
+    return [{"run_id": run_id, "created_at": created, "dataset": source, "model": model,
+             "stage": f"external:{evaluated}", "split": split, "label": row["label"],
+             **metric_columns.figures(row, computed_values=computed_values.get(row["label"])),
+             "model_config": json.dumps(lineage), "dataset_version": identity.dataset_version} for row in report]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,30 +149,57 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CSV: an image id column, then one score (probability) column per label")
     truth = parser.add_argument_group("truth: a labels file, or a split of an ETL dataset")
     truth.add_argument("--labels-csv", help="wide labels CSV (1/0, -1 and blank unknown) or NIH's Data_Entry CSV")
-    truth.add_argument("--score-suffix", default="",
-                       help="score columns are named <label><suffix>, e.g. _prob when one CSV holds both")
+    parser.add_argument("--score-columns", metavar="TEMPLATE",
+                        help="how score columns are named, {label} standing for the label in any spelling, e.g. "
+                             "'{label}_score' or 'pred {label}'; default: whichever of "
+                             f"{', '.join(label_files.KNOWN_TEMPLATES)} fits most labels (printed)")
+    parser.add_argument("--score-suffix", help="same as --score-columns '{label}SUFFIX' (kept for old scripts)")
     truth.add_argument("--dataset", help="folder written by etl/preprocess.py")
     truth.add_argument("--split", default="test", choices=["train", "val", "test"], help="with --dataset")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient-level resamples for 95%% CIs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", help="write auroc.csv, roc.png, reliability.png and report.html here")
     parser.add_argument("--roc-png", help="also draw the ROC curves to this PNG")
-    parser.add_argument("--results-table", help="append the AUROC rows to this Delta table (stage 'external'): a "
-                                                "folder, or catalog.schema.table through Spark")
+    parser.add_argument("--results-table",
+                        help="write the AUROC rows to this Delta table, under the training run the predictions file "
+                             "names (training/serving/predictions.py) as stage external:<file>: a folder, or "
+                             "catalog.schema.table through Spark")
     parser.add_argument("--model-name", help="name of the scored model in the Delta rows (default: the file name)")
     return parser
+
+
+def score_template(args) -> str | None:
+    """--score-columns, or --score-suffix X as '{label}X'; None: the known templates are tried."""
+    if args.score_columns and args.score_suffix:
+        raise SystemExit("give --score-columns TEMPLATE or --score-suffix SUFFIX, not both")
+    if args.score_suffix:
+        return label_files.LABEL_FIELD + args.score_suffix
+    return args.score_columns and label_files.check_template(args.score_columns)
+
+
+def named_by_label(predictions: pd.DataFrame, label_names, template: str | None) -> pd.DataFrame:
+    """Predictions of a dataset split with their score columns renamed to the dataset's label names (the
+    columns found under `template`, or the known template that fits most labels; printed when not bare)."""
+    used, columns, _ = label_files.match_scores(predictions.columns, list(label_names), template)
+    if used != label_files.LABEL_FIELD:
+        print(f"note: score columns matched as {used!r} ({len(columns)} labels)")
+    renamed = {column: name for name, column in columns.items() if column != name}
+    return predictions.drop(columns=[name for name in renamed.values() if name in predictions.columns]).rename(
+        columns=renamed)
 
 
 def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if bool(args.labels_csv) == bool(args.dataset):
         raise SystemExit("give the truth as --labels-csv FILE or as --dataset DIR (with --split), one of them")
+    template = score_template(args)
     if args.labels_csv:
-        aligned = label_files.align(args.predictions, args.labels_csv, args.score_suffix)
+        aligned = label_files.align(args.predictions, args.labels_csv, template)
         source, split = Path(args.labels_csv).name, "labels_csv"
     else:
         dataset = versions.resolve(args.dataset).path
-        aligned = from_dataset(pd.read_csv(args.predictions), dataset, args.split)
+        aligned = from_dataset(named_by_label(pd.read_csv(args.predictions), read_dataset_spec(dataset).label_names,
+                                              template), dataset, args.split)
         source, split = read_dataset_spec(dataset).dataset, args.split
     report = auroc_report(aligned.truth, aligned.scores, aligned.patient_ids, aligned.label_names, args.bootstrap,
                           args.seed)
@@ -173,9 +210,17 @@ def main(argv=None) -> list[dict]:
     if args.output_dir:
         print(f"wrote {write_outputs(Path(args.output_dir), title, report, aligned)}")
     if args.results_table:
-        write_results(args.results_table, result_rows(report, split, source,
-                                                       args.model_name or Path(args.predictions).name))
-        print(f"appended {len(report)} rows to {args.results_table}")
+        computed_values = (metric_columns.computed(aligned.truth, aligned.scores, aligned.label_names)
+                           if is_probability(aligned.scores) else {})
+        identity = read_identity(args.predictions)
+        run_id = identity.run_id or new_run_id("eval")
+        if not identity.run_id:
+            lacking = "names no training run" if identity.is_known() else "names no model (another tool's file?)"
+            print(f"note: {args.predictions} {lacking}: its rows go under a new run id, {run_id}")
+        evaluated = Path(args.predictions).name
+        write_results(args.results_table, result_rows(report, split, source, args.model_name or evaluated,
+                                                       computed_values, run_id, identity, evaluated))
+        print(f"wrote {len(report)} rows of run {run_id} to {args.results_table}")
     return report
 
 

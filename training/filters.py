@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
-from cxr_pipeline.training.predict import load
+from cxr_pipeline.training.serving.scorer import load
 
 CELL = 3  # kernel side
 GAP = 1  # pixels between kernels

@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
 
 from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import read_dataset_spec, split_dir
-from cxr_pipeline.training import predict
-from cxr_pipeline.training.data import METADATA_COLUMNS
-from cxr_pipeline.training.inputs import stored_pixels
-from cxr_pipeline.training.gradcam import class_activation_map, default_method, overlay, peak_inside, target_layer
-from cxr_pipeline.training.models import metadata_features, uses_metadata
+from cxr_pipeline.training.data.inputs import stored_pixels
+from cxr_pipeline.training.data.reader import METADATA_COLUMNS
+from cxr_pipeline.training.explain import overlays
+from cxr_pipeline.training.explain.gradcam import peak_inside
+from cxr_pipeline.training.models.fusion import metadata_features
+from cxr_pipeline.training.models.registry import uses_metadata
+from cxr_pipeline.training.serving.scorer import load
 
 NIH_ORIGINAL_SIZE = 1024
 BOXES = Path("_side") / "bounding_boxes.parquet"
@@ -41,8 +42,8 @@ def boxed_rows(dataset: Path, boxes: pd.DataFrame) -> pd.DataFrame:
 
 
 def pointing_game(checkpoint: str, dataset: Path, overlay_dir: Path | None = None) -> pd.DataFrame:
-    scorer = predict.load(checkpoint)
-    model, model_name, trained_on, layout = scorer.model, scorer.model_name, scorer.spec, scorer.layout
+    scorer = load(checkpoint)
+    trained_on = scorer.spec
     spec = read_dataset_spec(dataset)
     if spec.pixel_dtype != "uint8" or trained_on.label_names != spec.label_names:
         raise SystemExit(f"{dataset} must be a uint8 dataset with the labels {checkpoint} was trained on")
@@ -53,24 +54,21 @@ def pointing_game(checkpoint: str, dataset: Path, overlay_dir: Path | None = Non
     rows = boxed_rows(dataset, boxes)
     boxes = boxes[boxes["image_id"].isin(rows.index)]
     scale = spec.image_size / NIH_ORIGINAL_SIZE
-    layer, method = target_layer(model, model_name), default_method(model_name)
     results = []
     for box in boxes.itertuples():
         row = rows.loc[box.image_id]
         grey = np.frombuffer(row["pixels_u8"], dtype=np.uint8).reshape(spec.image_size, spec.image_size)
-        images = scorer.inputs(stored_pixels(grey))
-        extra = (metadata_features(*([row[c]] for c in METADATA_COLUMNS)),) if uses_metadata(model_name) else ()
+        extra = (metadata_features(*([row[c]] for c in METADATA_COLUMNS)),) if uses_metadata(scorer.model_name) else ()
         label_index = spec.label_names.index(box.label)
-        heatmap = class_activation_map(model, layer, images, layout.positive_logit(label_index), method, extra)[0]
+        heatmap = overlays.scorer_heatmap(scorer, stored_pixels(grey), label_index, extra_inputs=extra)
         scaled = (box.x * scale, box.y * scale, box.width * scale, box.height * scale)
         results.append({"image_id": box.image_id, "label": box.label, "split": row["split"],
                         "hit": peak_inside(heatmap, scaled), "box": scaled})
-        if overlay_dir is not None:
-            picture = Image.fromarray(overlay(grey, heatmap))
-            left, top, width, height = scaled
-            ImageDraw.Draw(picture).rectangle([left, top, left + width, top + height], outline=(0, 255, 0))
+        if overlay_dir is not None:  # the overlay is upscaled to be read: draw scales the stored-pixel box with it
+            probability = scorer.probabilities(stored_pixels(grey), extra)[0][label_index]
             overlay_dir.mkdir(parents=True, exist_ok=True)
-            picture.save(overlay_dir / f"{Path(box.image_id).stem}_{box.label}.png")
+            overlays.draw(grey, heatmap, box.label, probability, box=scaled).save(
+                overlay_dir / overlays.file_name(box.image_id, box.label))
     return pd.DataFrame(results, columns=["image_id", "label", "split", "hit", "box"])
 
 

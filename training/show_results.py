@@ -10,17 +10,15 @@ import argparse
 
 import pandas as pd
 
-from cxr_pipeline.training.results import (ENGINES, auroc_table, dataset_version, latest_run, read_results,
-                                          table_history)
+from cxr_pipeline.training.evaluation.results import (add_engine_argument, auroc_table, dataset_version, latest_run,
+                                                      read_results, table_history)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", default="outputs/results_delta",
                         help="Delta table: a folder (default outputs/results_delta) or catalog.schema.table")
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="auto (default): delta-rs for a folder, Spark with Delta for a catalog table name or on "
-                             "Databricks")
+    add_engine_argument(parser, "--engine")
     parser.add_argument("--run-id", help="run to show (default: the latest)")
     parser.add_argument("--history", action="store_true", help="also list the table's versions (one per write)")
     args = parser.parse_args(argv)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -22,21 +20,24 @@ import torch
 from cxr_pipeline.config import dump_config, parse_args
 from cxr_pipeline.etl import versions
 from cxr_pipeline.schema import read_dataset_spec
-from cxr_pipeline.training import calibration, checkpoints, distributed, tracking
-from cxr_pipeline.training.augment import Augmentation
-from cxr_pipeline.training.data import label_table
-from cxr_pipeline.training.epochs import STAGES, StageLoop
-from cxr_pipeline.training.evaluation import Feed, predict_for_report
-from cxr_pipeline.training.inputs import NORMALISATIONS, InputTransform
-from cxr_pipeline.training.models import MODELS, uses_metadata
-from cxr_pipeline.training.operating_points import DEFAULT_POLICIES, Policy, parse_policies
-from cxr_pipeline.training.outputs import RunOutputs
-from cxr_pipeline.training.precision import AMP_MODES, Precision
-from cxr_pipeline.training.report import write_report
-from cxr_pipeline.training.results import ENGINES, NO_TABLE, read_results, read_run_rows
-from cxr_pipeline.training.sampling import Oversampler
-from cxr_pipeline.training.schedules import OPTIMIZERS, SCHEDULES
-from cxr_pipeline.training.targets import LOSSES, LabelLayout, LabelLoss, positive_weights
+from cxr_pipeline.training.data.augment import Augmentation
+from cxr_pipeline.training.data.inputs import NORMALISATIONS, InputTransform
+from cxr_pipeline.training.data.reader import label_table
+from cxr_pipeline.training.data.sampling import Oversampler
+from cxr_pipeline.training.data.targets import LOSSES, LabelLayout, LabelLoss, positive_weights
+from cxr_pipeline.training.evaluation import calibration
+from cxr_pipeline.training.evaluation.gathered import Feed, predict_for_report
+from cxr_pipeline.training.evaluation.operating_points import DEFAULT_POLICIES, Policy, parse_policies
+from cxr_pipeline.training.evaluation.results import add_engine_argument, NO_TABLE, read_results, read_run_rows
+from cxr_pipeline.training.evaluation.run_report import write_report
+from cxr_pipeline.training.loop import checkpoints, distributed
+from cxr_pipeline.training.loop.epochs import STAGES, StageLoop
+from cxr_pipeline.training.loop.outputs import RunOutputs
+from cxr_pipeline.training.loop.precision import AMP_MODES, Precision
+from cxr_pipeline.training.loop.run_ids import new_run_id
+from cxr_pipeline.training.loop.schedules import OPTIMIZERS, SCHEDULES
+from cxr_pipeline.training.models.registry import MODELS, uses_metadata
+from cxr_pipeline.training.serving import tracking
 
 log = logging.getLogger("train")
 # The policy that held up on data from elsewhere (README, "Evaluation": measured on the official
@@ -61,9 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--keep-epochs", type=int, default=0,
                       help="also keep the N best epochs of each stage as epoch_<stage>_<epoch>.pth, e.g. for "
                            "python -m training.ensemble (default 0: only best_<stage>.pth)")
-    data.add_argument("--results-engine", choices=ENGINES, default="auto",
-                      help="auto (default): delta-spark for a catalog table name or on Databricks, else deltalake "
-                           "(delta-rs, no Spark); or name one (training/results.py)")
+    add_engine_argument(data)
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=sorted(MODELS), default="densenet121")
     model.add_argument("--weights", default="imagenet", help="imagenet (downloads once), none, or a checkpoint path")
@@ -100,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--augment", default="none",
                           help="train-time augmentation: none (default), default (flip, +-7 degrees, zoom 10%%, "
                                "shift 5%%, brightness/contrast 10%%), or overrides such as "
-                               "'flip=0,rotate_degrees=10' (training/augment.py); seeded per epoch and rank")
+                               "'flip=0,rotate_degrees=10' (training/data/augment.py); seeded per epoch and rank")
     schedule.add_argument("--augment-minority-only", action="store_true",
                           help="augment only the rows of the classes --oversample repeats, as report 003 "
                                "augmented its NORMAL copies; the other rows go in as stored")
@@ -112,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--oversample", type=float, default=0.0,
                           help="instead of weighting: repeat rows of each class with fewer rows than this "
                                "fraction of the most common class, up to that count (1 balances a binary task), "
-                               "seeded; use with --loss bce (training/sampling.py; default 0: off)")
+                               "seeded; use with --loss bce (training/data/sampling.py; default 0: off)")
     schedule.add_argument("--max-steps-per-epoch", type=int, default=0, help="stop epochs early (0: full pass)")
     schedule.add_argument("--bootstrap", type=int, default=1000,
                           help="patient-level bootstrap resamples for the 95%% CI of each AUROC (default 1000)")
@@ -121,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="per-label calibration of the probabilities, fitted on val and stored with the "
                                 "checkpoint: platt, temperature, isotonic, auto (isotonic with >= "
                                 f"{calibration.ISOTONIC_MIN_PER_CLASS} val positives and negatives, else platt; "
-                                "default) or none (training/calibration.py)")
+                                "default) or none (training/evaluation/calibration.py)")
     decisions.add_argument("--operating-point", default=DEFAULT_OPERATING_POINT,
                            help="policy of the thresholds that predict uses and the Delta rows report: youden, "
-                                "f1, sens>=X, spec>=X or prevalence=P (training/operating_points.py; default "
-                                f"{DEFAULT_OPERATING_POINT}, see README)")
+                                "f1, sens>=X, spec>=X or prevalence=P (training/evaluation/operating_points.py; "
+                                f"default {DEFAULT_OPERATING_POINT}, see README)")
     decisions.add_argument("--operating-points", default=",".join(DEFAULT_POLICIES),
                            help="policies whose val-chosen thresholds the report shows on val and test "
                                 f"(default {','.join(DEFAULT_POLICIES)})")
@@ -135,21 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--seed", type=int, default=0)
     runtime.add_argument("--amp", choices=AMP_MODES, default="off",
                          help="mixed precision: bf16 or fp16 (with a gradient scaler) autocast of the forward pass; "
-                              "for GPUs (tensor cores), off by default (training/precision.py)")
+                              "for GPUs (tensor cores), off by default (training/loop/precision.py)")
     runtime.add_argument("--channels-last", action="store_true",
                          help="keep model and images in channels-last memory layout (faster convolutions on GPUs)")
     runtime.add_argument("--reader-pool", choices=["dummy", "thread", "process"], default="dummy",
                          help="Petastorm reader pool; dummy (default) reads in a prefetch thread. Petastorm "
-                              "0.13.1's thread pool dropped row groups in tests here")
+                              "0.13.1's thread pool can skip row groups: a reader that delivers fewer rows than "
+                              "planned stops the run with an error")
     runtime.add_argument("--reader-workers", type=int, default=2, help="workers of a thread/process pool")
     runtime.add_argument("--resume", help="checkpoint.pth of an interrupted run: continue it")
     runtime.add_argument("--run-id", help="name of this run (default: time + random suffix)")
     tracking.add_arguments(parser)
     return parser
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def resolve_dataset(args, resume: dict | None, dist: distributed.Single) -> None:

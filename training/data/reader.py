@@ -1,10 +1,10 @@
 """Stream one split of the ETL's Parquet into torch batches with Petastorm.
 
-Each rank reads its share of the split's rows (training/shards.py: every row once per pass at any
+Each rank reads its share of the split's rows (training/data/shards.py: every row once per pass at any
 number of ranks, training passes padded to whole batches), opening only the files that share touches.
 Sizes and label names come from the dataset's own metadata
 (:func:`cxr_pipeline.schema.read_dataset_spec`), never from flags. Batches carry the pixels as stored
-(grey uint8), pinned when a GPU will receive them; training.inputs turns them into model input
+(grey uint8), pinned when a GPU will receive them; training.data.inputs turns them into model input
 on the device.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 import torch
 
 from cxr_pipeline.schema import LABEL_MASK_COLUMN, DatasetSpec, split_dir
-from cxr_pipeline.training import petastorm_fixes
-from cxr_pipeline.training.shards import RankShard, plan_pass, split_index
+from cxr_pipeline.training.data import petastorm_fixes
+from cxr_pipeline.training.data.shards import RankShard, plan_pass, split_index
 
-# The non-image inputs of fusion models (training.models.metadata_features), as the ETL names them.
+# The non-image inputs of fusion models (training.models.registry.metadata_features), as the ETL names them.
 METADATA_COLUMNS = ("age", "sex", "view_position")
 
 # Petastorm 0.13.1 drives pyarrow 14 through its legacy dataset API: one warning per call.
@@ -34,8 +34,8 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (N, *spec.pixel_shape) as stored: grey uint8 (N, 1, H, W); training.inputs normalises
-    labels: torch.Tensor  # (N, num_labels) float32, as stored (training.targets says how to read them)
+    images: torch.Tensor  # (N, *spec.pixel_shape) as stored: grey uint8 (N, 1, H, W); training.data.inputs normalises
+    labels: torch.Tensor  # (N, num_labels) float32, as stored (training.data.targets says how to read them)
     mask: torch.Tensor  # (N, num_labels) float32: 1 where a label counts, 0 where a policy masked it
     image_ids: list[str]
     patient_ids: list[str]
@@ -77,7 +77,7 @@ def label_tensor(rows: np.ndarray) -> torch.Tensor:
 class SplitReader:
     """Iterable of :class:`Batch` for one rank over one split (one pass per iteration).
 
-    The rank's share and the file order come from :func:`training.shards.plan_pass` (seeded with `seed`
+    The rank's share and the file order come from :func:`training.data.shards.plan_pass` (seeded with `seed`
     when `shuffle`); rows within a buffer of `shuffle_rows` are shuffled here. `full_batches` (training):
     the pass is padded so that every rank yields the same number of full batches, every row at least
     once (`shard.padding` rows repeated); else every row exactly once, the last batch short.
@@ -101,7 +101,7 @@ class SplitReader:
         self.columns = [spec.pixel_column, "labels", "image_id", "patient_id"]
         self.columns += [LABEL_MASK_COLUMN] if spec.has_mask else []
         self.columns += list(METADATA_COLUMNS) if with_metadata else []
-        self.oversampler = oversampler  # training.sampling.Oversampler: rows of rare classes repeated
+        self.oversampler = oversampler  # training.data.sampling.Oversampler: rows of rare classes repeated
         self.pin_memory = pin_memory
 
     @functools.cached_property

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from cxr_pipeline.training.metrics import known  # noqa: E402
+from cxr_pipeline.training.evaluation.metrics import known  # noqa: E402
 
 
 def roc_curves(labels: np.ndarray, scores: np.ndarray, report: list[dict], path: Path, title: str) -> None:
@@ -57,10 +57,19 @@ def training_curves(summary_csv: Path, path: Path) -> None:
     plt.close(figure)
 
 
+def bins_text(counts: np.ndarray) -> str:
+    """'10 bins of ~100 images', '1 bin of 21 images': what a reliability diagram's points stand for."""
+    approximately = "" if counts.min() == counts.max() else "~"
+    return (f"{len(counts)} bin{'s' if len(counts) > 1 else ''} of {approximately}{int(np.median(counts))} "
+            f"image{'s' if np.median(counts) != 1 else ''}")
+
+
 def reliability_diagram(labels: np.ndarray, series: dict[str, np.ndarray], label_names, path: Path, title: str) -> None:
-    """Observed positive rate against mean predicted probability (10 bins), one panel per
-    series (e.g. before and after calibration), one line per label; the diagonal is perfect."""
-    from cxr_pipeline.training.calibration import expected_calibration_error, reliability
+    """Observed positive rate against mean predicted probability, one panel per series (e.g. before and
+    after calibration), one line per label; the diagonal is perfect. Bins hold equal counts of images
+    (calibration.reliability: up to 10, at least 20 images each), so no point stands for a handful of
+    images; the legend gives each label's bins and images per bin, and its ECE (15 equal-width bins)."""
+    from cxr_pipeline.training.evaluation.calibration import expected_calibration_error, reliability
 
     figure, panels = plt.subplots(1, len(series), figsize=(5.5 * len(series), 5), squeeze=False)
     for axes, (name, scores) in zip(panels[0], series.items()):
@@ -70,12 +79,13 @@ def reliability_diagram(labels: np.ndarray, series: dict[str, np.ndarray], label
             if not rows_known.any():
                 continue
             truth, probabilities = labels[rows_known, index], scores[rows_known, index]
-            mean, observed, _ = reliability(truth, probabilities)
+            mean, observed, counts = reliability(truth, probabilities)
             axes.plot(mean, observed, marker="o", markersize=3, linewidth=1.2,
-                      label=f"{label} (ECE {expected_calibration_error(truth, probabilities):.3f})")
+                      label=f"{label} (ECE {expected_calibration_error(truth, probabilities):.3f}; "
+                            f"{bins_text(counts)})")
         axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-        axes.set(xlabel="mean predicted probability", ylabel="observed positive rate", xlim=(0, 1), ylim=(0, 1),
-                 title=name)
+        axes.set(xlabel="mean predicted probability (equal-count bins)", ylabel="observed positive rate",
+                 xlim=(0, 1), ylim=(0, 1), title=name)
         axes.legend(fontsize=7, loc="upper left")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()

@@ -16,15 +16,15 @@ import torch
 from tqdm import tqdm
 
 from cxr_pipeline.etl.hold_points import hold_at
-from cxr_pipeline.training import checkpoints
-from cxr_pipeline.training.augment import Augmentation, augment_rows, batch_generator
-from cxr_pipeline.training.data import prefetch
-from cxr_pipeline.training.evaluation import Feed, predict
-from cxr_pipeline.training.metrics import mean_auroc, per_label_auroc
-from cxr_pipeline.training.models import build_model, head_name, in_head, set_backbone_trainable
-from cxr_pipeline.training.outputs import RunOutputs
-from cxr_pipeline.training.sampling import Oversampler
-from cxr_pipeline.training.schedules import LearningRate, build_optimizer
+from cxr_pipeline.training.data.augment import Augmentation, augment_rows, batch_generator
+from cxr_pipeline.training.data.reader import prefetch
+from cxr_pipeline.training.data.sampling import Oversampler
+from cxr_pipeline.training.evaluation.gathered import Feed, predict
+from cxr_pipeline.training.evaluation.metrics import mean_auroc, per_label_auroc
+from cxr_pipeline.training.loop import checkpoints
+from cxr_pipeline.training.loop.outputs import RunOutputs
+from cxr_pipeline.training.loop.schedules import LearningRate, build_optimizer
+from cxr_pipeline.training.models.registry import build_model, head_name, in_head, set_backbone_trainable
 
 log = logging.getLogger("train")
 STAGES = ("kt", "finetune")
@@ -76,7 +76,7 @@ class StageLoop:
             for name, module in model.named_modules():
                 if name and not in_head(name, head):
                     module.training = False
-        # Every rank takes the same number of full batches, every row at least once (training/shards.py).
+        # Every rank takes the same number of full batches, every row at least once (training/data/shards.py).
         reader = feed.reader("train", shuffle=True, seed=args.seed * 1000 + epoch, full_batches=True,
                              oversampler=self.oversampler)
         planned = len(reader)
@@ -187,7 +187,8 @@ class StageLoop:
         """A model checkpoint that training.predict and training.ensemble can use on their own."""
         return {"model": state, "stage": stage, "epoch": epoch, "val_mean_auroc": val_auroc,
                 "model_name": self.args.model, "dataset_spec": self.feed.spec.to_json(),
-                "dataset_version": self.args.dataset_version, "inputs": self.feed.inputs.state()}
+                "run_id": self.args.run_id, "dataset_version": self.args.dataset_version,
+                "inputs": self.feed.inputs.state()}
 
     def keep_best_epochs(self, stage, entry) -> None:
         """Save this epoch's model as epoch_<stage>_<epoch>.pth and keep only the --keep-epochs

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxr_pipeline.training.metrics import known, patient_resample_weights
+from cxr_pipeline.training.evaluation.metrics import known, patient_resample_weights
 
 DEFAULT_POLICIES = ("sens>=0.95", "youden", "f1", "spec>=0.95", "prevalence=0.5")
 POLICY_PATTERN = re.compile(r"^(youden|f1)$|^(sens|spec)>=(0?\.\d+|1(\.0*)?)$|^prevalence=(0?\.\d+)$")
-METRICS = ("accuracy", "precision", "recall", "specificity", "f1")
 
 
 @dataclass(frozen=True)

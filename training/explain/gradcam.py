@@ -20,40 +20,26 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from torch import nn
 
+from cxr_pipeline.training.models.registry import MODELS
 
-# The layer whose activations are weighed, per model: norm5 for DenseNet (as CheXNet) and the
-# attention DenseNets whose classifier sees g; transition3 for the report's attention DenseNets,
-# where no output depends on norm5 (report 004 took norm5, which gets no gradient there): the
-# deepest map their attention reads. The last residual stage for ResNet, the last conv block's
-# activation (before pooling) for the small CNN, the VGGs and the 24-layer pneumonia CNN.
-TARGET_LAYERS = {
-    "densenet121": "features.norm5", "densenet121_attA_g": "features.norm5", "densenet121_attB_g": "features.norm5",
-    "densenet121_attA": "features.transition3", "densenet121_attB": "features.transition3",
-    "resnet18": "layer4", "resnet18_half": "layer4", "resnet50": "layer4", "small_cnn": "features.6",
-    "vgg_like": "features.26", "vgg16_partial": "features.29", "pneumonia_cnn24": "separable.16",
-}
-# Heads that keep position (flattened maps) rather than average it away: HiResCAM is exact there.
-POSITIONAL_HEADS = ("small_cnn", "vgg_like", "vgg16_partial", "pneumonia_cnn24")
+
 METHODS = ("gradcam", "hirescam")
-FUSED_SUFFIX = "+meta"
 
 
 def target_layer(model: nn.Module, model_name: str) -> nn.Module:
-    base = model_name.removesuffix(FUSED_SUFFIX)
-    if base not in TARGET_LAYERS:
-        raise ValueError(f"no Grad-CAM target layer known for {model_name!r}")
-    prefix = "backbone." if model_name.endswith(FUSED_SUFFIX) else ""  # training.models.MetadataFusion
-    return model.get_submodule(prefix + TARGET_LAYERS[base])
+    """The layer Grad-CAM weighs, as the model's registry entry names it."""
+    return model.get_submodule(MODELS[model_name].cam_layer)
 
 
 def default_method(model_name: str) -> str:
-    return "hirescam" if model_name.removesuffix(FUSED_SUFFIX) in POSITIONAL_HEADS else "gradcam"
+    """HiResCAM for heads that keep position (flattened maps), where it is exact; Grad-CAM otherwise."""
+    return "hirescam" if MODELS[model_name].positional_head else "gradcam"
 
 
 def class_activation_map(model: nn.Module, layer: nn.Module, images: torch.Tensor, logit_index: int,
                          method: str = "gradcam", extra_inputs: tuple = ()) -> np.ndarray:
     """(N, 3, H, W) normalised images -> (N, H, W) heatmaps in [0, 1] for one output logit
-    (training.targets.LabelLayout.positive_logit). `extra_inputs` follow the images in the
+    (training.data.targets.LabelLayout.positive_logit). `extra_inputs` follow the images in the
     model call (the metadata of fusion models)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -65,7 +51,7 @@ def class_activation_map(model: nn.Module, layer: nn.Module, images: torch.Tenso
         logits = model(images, *extra_inputs)
         if "activations" not in captured:
             raise ValueError(f"the target layer ({type(layer).__name__}) did not run in the forward pass; "
-                             "take the layer from training.gradcam.target_layer(model, model_name)")
+                             "take the layer from training.explain.gradcam.target_layer(model, model_name)")
         activations = captured["activations"]
         gradients, = torch.autograd.grad(logits[:, logit_index].sum(), activations)
     finally:
@@ -77,9 +63,23 @@ def class_activation_map(model: nn.Module, layer: nn.Module, images: torch.Tenso
     return (cam / peak).detach().cpu().numpy()
 
 
-def overlay(grey_u8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """Grey (H, W) uint8 image and (H, W) heatmap in [0, 1] -> (H, W, 3) uint8 jet overlay."""
-    colours = colormaps["jet"](heatmap)[..., :3]
+OVERLAY_MIN_SIDE = 448  # px on the long side: big enough to read whatever size the model was trained at
+
+
+def overlay(grey_u8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
+            min_side: int = OVERLAY_MIN_SIDE) -> np.ndarray:
+    """Grey (H, W) uint8 image and (H, W) heatmap in [0, 1] -> (H', W', 3) uint8 jet overlay, upscaled (image
+    bicubic, heatmap bilinear, before blending) so that its long side is at least `min_side`; H' / H is the
+    factor to scale stored-pixel coordinates by (training.explain.overlays.draw does, for boxes)."""
+    from PIL import Image
+
+    height, width = grey_u8.shape
+    factor = max(1.0, min_side / max(height, width))
+    if factor > 1:
+        size = (round(width * factor), round(height * factor))
+        grey_u8 = np.asarray(Image.fromarray(np.ascontiguousarray(grey_u8, dtype=np.uint8)).resize(size, Image.BICUBIC))
+        heatmap = np.asarray(Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(size, Image.BILINEAR))
+    colours = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
     grey = np.repeat(grey_u8[..., None] / 255.0, 3, axis=2)
     return np.clip(255 * ((1 - alpha) * grey + alpha * colours), 0, 255).astype(np.uint8)
 

@@ -11,14 +11,15 @@ import numpy as np
 import torch
 
 from cxr_pipeline.schema import DatasetSpec
-from cxr_pipeline.training import calibration, distributed
-from cxr_pipeline.training.data import METADATA_COLUMNS, SplitReader, prefetch, split_row_count
-from cxr_pipeline.training.inputs import InputTransform
-from cxr_pipeline.training.metrics import auroc_report
-from cxr_pipeline.training.models import metadata_features
-from cxr_pipeline.training.operating_points import Policy, choose_thresholds, operating_table
-from cxr_pipeline.training.precision import Precision
-from cxr_pipeline.training.targets import LabelLayout, LabelLoss
+from cxr_pipeline.training.data.inputs import InputTransform
+from cxr_pipeline.training.data.reader import METADATA_COLUMNS, SplitReader, prefetch, split_row_count
+from cxr_pipeline.training.data.targets import LabelLayout, LabelLoss
+from cxr_pipeline.training.evaluation import calibration
+from cxr_pipeline.training.evaluation.metrics import auroc_report
+from cxr_pipeline.training.evaluation.operating_points import Policy, choose_thresholds, operating_table
+from cxr_pipeline.training.loop import distributed
+from cxr_pipeline.training.loop.precision import Precision
+from cxr_pipeline.training.models.fusion import metadata_features
 
 EVAL_SPLITS = ("val", "test")
 
@@ -28,7 +29,7 @@ class Predictions:
     image_ids: list[str]
     patient_ids: list[str]
     scores: np.ndarray  # (N, L) probabilities
-    labels: np.ndarray  # (N, L) truth: 1, 0, or NaN where unknown (training.targets.LabelLayout.truth)
+    labels: np.ndarray  # (N, L) truth: 1, 0, or NaN where unknown (training.data.targets.LabelLayout.truth)
     loss: float | None = None  # the training loss on these rows (per-image mean), to see over-fitting
 
 
@@ -101,7 +102,7 @@ def predict_for_report(model, feed: Feed, with_train: bool) -> tuple[dict[str, P
 
 
 def fit_on_val(val: Predictions, method: str, policies: list[Policy]) -> tuple[list[dict], dict[str, list]]:
-    """The per-label calibration (training/calibration.py) fitted on val, and the val thresholds of every
+    """The per-label calibration (training/evaluation/calibration.py) fitted on val, and the val thresholds of every
     operating-point policy chosen on the calibrated scores."""
     calibrators = calibration.fit(val.labels, val.scores, method)
     return calibrators, choose_thresholds(val.labels, calibration.apply(calibrators, val.scores), policies)
@@ -114,9 +115,9 @@ def apply_calibration(predictions: Predictions, calibrators: list[dict] | None) 
 @dataclass
 class SplitEvaluation:
     calibrated: Predictions  # the split's predictions with the val-fitted calibration applied
-    metrics: list[dict]  # training.metrics.auroc_report: per label, then the mean
-    operating: list[dict]  # training.operating_points.operating_table: per policy and label, at its threshold
-    calibration: list[dict]  # training.calibration.calibration_metrics: per label, before and after
+    metrics: list[dict]  # training.evaluation.metrics.auroc_report: per label, then the mean
+    operating: list[dict]  # operating_points.operating_table: per policy and label, at its threshold
+    calibration: list[dict]  # training.evaluation.calibration.calibration_metrics: per label, before and after
 
 
 def evaluate_split(predictions: Predictions, calibrators: list[dict] | None, thresholds: dict[str, list],

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxr_pipeline.etl.sessions import on_databricks, session_builder
+from cxr_pipeline.training.evaluation.metric_columns import METRICS
 
 RESULT_SCHEMA = pa.schema([
     ("run_id", pa.string()),
@@ -34,35 +35,14 @@ RESULT_SCHEMA = pa.schema([
     ("stage", pa.string()),
     ("split", pa.string()),
     ("label", pa.string()),
-    ("auroc", pa.float64()),
-    ("auroc_ci_low", pa.float64()),
-    ("auroc_ci_high", pa.float64()),
-    ("auroc_weighted", pa.float64()),  # label 'mean' only: the mean weighted by each label's prevalence
-    ("n_pos", pa.int64()),
-    ("n_neg", pa.int64()),
-    # at the label's threshold chosen on validation by the run's operating-point policy
-    # (training/operating_points.py); null where there is none
-    ("operating_point", pa.string()),
-    ("threshold", pa.float64()),
-    ("accuracy", pa.float64()),
-    ("precision", pa.float64()),
-    ("recall", pa.float64()),
-    ("specificity", pa.float64()),
-    ("f1", pa.float64()),
-    ("tp", pa.int64()),
-    ("fp", pa.int64()),
-    ("fn", pa.int64()),
-    ("tn", pa.int64()),
-    # of the calibrated probabilities (training/calibration.py)
-    ("brier", pa.float64()),
-    ("ece", pa.float64()),
+    *((metric.name, metric.arrow_type) for metric in METRICS),  # training/evaluation/metric_columns.py
     ("best_epoch", pa.int32()),
     ("world_size", pa.int32()),
     ("backend", pa.string()),
     ("data_wait_fraction", pa.float64()),
     ("run_dir", pa.string()),
     ("model_config", pa.string()),  # the model and its training options, e.g. for ensembles and the report
-    # the MLflow run that logged this training run (training/tracking.py); null without MLflow and in rows
+    # the MLflow run that logged this training run (training/serving/tracking.py); null without MLflow and in rows
     # written before the column existed (appends merge it into older tables)
     ("mlflow_run_id", pa.string()),
     # the ETL version the run read (etl/versions.py); null for a plain dataset folder and in older rows
@@ -73,8 +53,25 @@ NO_TABLE = "none"  # train.py --results-table none: the rows stay in RUN_DIR/aur
 RUN_ROWS = "auroc_rows.parquet"
 TABLE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}$")  # schema.table or catalog.schema.table
 SPARK_TYPES = {pa.string(): "string", pa.timestamp("us", tz="UTC"): "timestamp", pa.int32(): "int",
-               pa.int64(): "bigint", pa.float64(): "double"}
-SPARK_SCHEMA = ", ".join(f"`{field.name}` {SPARK_TYPES[field.type]}" for field in RESULT_SCHEMA)
+               pa.int64(): "bigint", pa.float64(): "double", pa.bool_(): "boolean"}
+
+
+def spark_ddl(schema: pa.Schema, without: tuple = ()) -> str:
+    """An Arrow schema as Spark DDL (`name` type, ...), less the columns `without`."""
+    return ", ".join(f"`{field.name}` {SPARK_TYPES[field.type]}" for field in schema if field.name not in without)
+
+
+def spark_frame(spark, table: pa.Table):
+    """An Arrow table as a Spark DataFrame of the same columns and types. Python values, not pandas: a null int
+    column would become NaN floats that Spark's int columns refuse."""
+    return spark.createDataFrame([tuple(row.values()) for row in table.to_pylist()], schema=spark_ddl(table.schema))
+
+
+def add_engine_argument(parser, flag: str = "--results-engine") -> None:
+    """The option that chooses how a command writes and reads its Delta table (`resolve_engine`)."""
+    parser.add_argument(flag, choices=ENGINES, default="auto",
+                        help="auto (default): delta-spark for a catalog table name, on Databricks or inside a Spark "
+                             "session with Delta, else deltalake (delta-rs, no Spark); or name one")
 
 
 def is_table_name(table_uri: str) -> bool:
@@ -171,8 +168,7 @@ def pc_predicate(table: pa.Table):
 
 def write_with_spark(spark, table_uri: str, table: pa.Table, predicate: str) -> None:
     """Through Delta on Spark: a catalog table by name (created on first write), else a Delta folder."""
-    # Python values, not pandas: a null int column would become NaN floats that Spark's int columns refuse
-    frame = spark.createDataFrame([tuple(row.values()) for row in table.to_pylist()], schema=SPARK_SCHEMA)
+    frame = spark_frame(spark, table)
     replaces = table_exists(spark, table_uri) and read_with_spark(spark, table_uri).where(predicate).limit(1).count()
     writer = frame.write.format("delta").option("mergeSchema", "true")
     save_delta(writer.mode("overwrite").option("replaceWhere", predicate) if replaces else writer.mode("append"),

@@ -12,12 +12,12 @@ On by default (`--no-mlflow` turns it off). Where the run goes:
 What one MLflow run holds: the resolved configuration as parameters; tags with this run's id and folder
 (`cxr_run_id`, `cxr_run_dir`), the launcher and the environment (Python, torch, CUDA, every installed
 package under environment/); per epoch, each stage's training and validation figures as metrics named
-`<stage>/<figure>` with step = epoch; at the end of each stage, the val and test AUROC of every label
-(`<stage>/<split>/auroc/<label>`), the Delta rows, the ROC and reliability plots and the operating-point
-and calibration tables (under `<stage>/`); at the end, report.html, the AUROC table, the training curves,
-Grad-CAM overlays of a few test images (gradcam/), and the best checkpoint of the last stage as a pyfunc
-model (training/serving.py), registered under `--register-model NAME` when given. Every Delta AUROC row
-carries the MLflow run id (`mlflow_run_id`).
+`<stage>/<figure>` with step = epoch; at the end of each stage, every numeric figure of its Delta rows
+(training/evaluation/metric_columns.py) per label and for the mean (`<stage>/<split>/<figure>/<label>`), the
+rows, the ROC and reliability plots and the operating-point and calibration tables (under `<stage>/`); at the
+end, report.html, the AUROC table, the training curves, Grad-CAM overlays of a few test images (gradcam/),
+and the best checkpoint of the last stage as a pyfunc model (training/serving/mlflow_model.py), registered
+under `--register-model NAME` when given. Every Delta AUROC row carries the MLflow run id (`mlflow_run_id`).
 
 A run interrupted and continued with --resume goes on in the same MLflow run. A tracking server that
 fails mid-run costs warnings, never the training: only starting the run and logging the model fail loudly.
@@ -41,19 +41,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr_pipeline.training.evaluation import metric_columns
+
 log = logging.getLogger("tracking")
 RUN_TAG, RUN_DIR_TAG = "cxr_run_id", "cxr_run_dir"
 LOCAL_FOLDER, LOCAL_STORE, LOCAL_ARTIFACTS = "mlflow", "mlflow.db", "mlartifacts"  # RUN_DIR/mlflow/...
 STAGE_FILES = ("roc_{stage}_*.png", "reliability_{stage}_*.png", "operating_points_{stage}.csv",
                "calibration_{stage}.csv")
 RUN_FILES = ("report.html", "config.yaml", "summary.csv", "training_curves.png")
-GRADCAM_EXAMPLES = 4
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter's value
 METRIC_NAME = re.compile(r"[^\w\-. :/]")  # characters MLflow refuses in metric names
 
 
 def add_arguments(parser) -> None:
-    group = parser.add_argument_group("experiment tracking (MLflow; training/tracking.py)")
+    group = parser.add_argument_group("experiment tracking (MLflow; training/serving/tracking.py)")
     group.add_argument("--no-mlflow", action="store_true",
                        help="do not log to MLflow (default: log to MLFLOW_TRACKING_URI, else to "
                             f"RUN_DIR/{LOCAL_FOLDER}/{LOCAL_STORE})")
@@ -239,15 +240,14 @@ class MlflowTracking:
                               if key not in ("stage", "epoch")}, step=epoch)
 
     def log_stage(self, stage: str, rows: list[dict]) -> None:
-        """The stage's Delta rows: per-label AUROC (and the mean's CI) as metrics, the rows, plots and tables."""
+        """The stage's Delta rows, every figure of every label (and the mean) as a metric
+        `<stage>/<split>/<figure>/<label>`, then the rows, plots and tables."""
         self.rows += rows
         with self.tolerated(f"{stage} results"):
             values = {}
             for row in rows:
-                values[metric_name(stage, row["split"], "auroc", row["label"])] = row.get("auroc")
-                if row["label"] == "mean":
-                    for key in ("auroc_ci_low", "auroc_ci_high", "auroc_weighted"):
-                        values[metric_name(stage, row["split"], key)] = row.get(key)
+                for metric in metric_columns.names("ratio") + metric_columns.names("count"):
+                    values[metric_name(stage, row["split"], metric, row["label"])] = row.get(metric)
                 values[metric_name(stage, "best_epoch")] = row.get("best_epoch")
             self.log_metrics(values)
             self.client.log_text(self.run_id, pd.DataFrame(rows).to_csv(index=False), f"{stage}/auroc_rows.csv")
@@ -258,7 +258,7 @@ class MlflowTracking:
     # ---- at the end -----------------------------------------------------------------------------
     def finish(self, stage: str) -> None:
         """Report, AUROC table, Grad-CAM examples, and the model of the last stage's best checkpoint."""
-        from cxr_pipeline.training.results import auroc_table
+        from cxr_pipeline.training.evaluation.results import auroc_table
 
         for name in RUN_FILES:
             if (self.run_dir / name).exists():
@@ -273,7 +273,9 @@ class MlflowTracking:
             log.warning("no %s (no epoch had a val AUROC): no model logged to MLflow", checkpoint.name)
         else:
             with self.tolerated("Grad-CAM examples"):
-                folder = write_gradcam_examples(checkpoint, self.args.dataset, self.run_dir / "gradcam")
+                from cxr_pipeline.training.explain import overlays
+
+                folder = overlays.write_examples(checkpoint, self.args.dataset, self.run_dir / "gradcam")
                 if folder is not None:
                     self.client.log_artifacts(self.run_id, str(folder), "gradcam")
             self.log_model(checkpoint)
@@ -283,13 +285,13 @@ class MlflowTracking:
     def log_model(self, checkpoint: Path) -> None:
         import mlflow
 
-        from cxr_pipeline.training import serving
+        from cxr_pipeline.training.serving import mlflow_model
 
         mlflow.set_tracking_uri(self.uri)
         if self.registry_uri:
             mlflow.set_registry_uri(self.registry_uri)
         with mlflow.start_run(run_id=self.run_id):
-            info = serving.log_model(checkpoint, registered_model_name=self.args.register_model,
+            info = mlflow_model.log_model(checkpoint, registered_model_name=self.args.register_model,
                                      tags={RUN_TAG: self.args.run_id, "checkpoint": checkpoint.name,
                                            "dataset_version": str(self.args.dataset_version)})
         self.client.set_tag(self.run_id, "cxr_model_uri", info.model_uri)
@@ -310,34 +312,3 @@ class MlflowTracking:
             yield
         except Exception as exc:  # noqa: BLE001 - the training matters more than its log
             log.warning("MLflow: could not log %s (%s: %s); training goes on", what, type(exc).__name__, exc)
-
-
-def write_gradcam_examples(checkpoint: Path, dataset, folder: Path, count: int = GRADCAM_EXAMPLES) -> Path | None:
-    """Grad-CAM overlays of the first `count` test (else val) images for their most probable label, from the
-    stored pixels, as training.predict draws them for files: <image>_<label>.png in `folder`."""
-    from PIL import Image
-
-    from cxr_pipeline.schema import split_dir
-    from cxr_pipeline.training.gradcam import class_activation_map, default_method, overlay, target_layer
-    from cxr_pipeline.training.models import metadata_features, uses_metadata
-    from cxr_pipeline.training.predict import dataset_batches, load
-
-    scorer = load(str(checkpoint))
-    splits = [split for split in ("test", "val") if any(split_dir(dataset, split).glob("*.parquet"))][:1]
-    if scorer.spec.pixel_dtype != "uint8" or not splits:
-        return None
-    extra = (metadata_features([None], [None], [None]),) if uses_metadata(scorer.model_name) else ()
-    examples = []
-    for ids, _, stored, _ in dataset_batches(Path(dataset), splits, scorer.spec, count):
-        examples += [(image_id, stored[index:index + 1]) for index, image_id in enumerate(ids)]
-        if len(examples) >= count:
-            break
-    folder.mkdir(parents=True, exist_ok=True)
-    layer, method = target_layer(scorer.model, scorer.model_name), default_method(scorer.model_name)
-    for image_id, one in examples[:count]:
-        best = int(np.argmax(scorer.probabilities(one, extra)[0]))
-        heatmap = class_activation_map(scorer.model, layer, scorer.inputs(one), scorer.layout.positive_logit(best),
-                                       method, extra)[0]
-        name = re.sub(r"[^\w.-]", "_", f"{Path(str(image_id)).stem}_{scorer.spec.label_names[best]}")
-        Image.fromarray(overlay(one[0, 0].numpy(), heatmap)).save(folder / f"{name}.png")
-    return folder

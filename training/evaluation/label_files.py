@@ -7,7 +7,10 @@ Labels files come as they are distributed:
   `Patient ID`, expanded to the 14 findings.
 
 Columns are matched by label name whatever the spelling (`Pleural_Thickening`,
-`pleural thickening`; NIH `Effusion` = CheXpert `Pleural Effusion`). Anything that cannot be
+`pleural thickening`; NIH `Effusion` = CheXpert `Pleural Effusion`). Score columns are named by a
+template: `{label}` (the bare name), `prob_{label}` (the public CheXNet reproductions),
+`{label}_prob`, or one the caller gives (`{label}_score`); without one, the known templates are
+tried and the one that matches most labels is used and named in a note. Anything that cannot be
 matched is an error that says what, or a count that is printed; no row or label is dropped
 silently.
 """
@@ -21,21 +24,49 @@ import numpy as np
 import pandas as pd
 
 from cxr_pipeline.etl.sources import chexpert, nih
+from cxr_pipeline.training.serving.predictions import (DECISION_SUFFIX, ERROR_COLUMN, IDENTITY_COLUMNS,
+                                                       PREVALENCE_COLUMN, SCORED_AT)
 
 ID_COLUMNS = ("image_id", "Image Index", "Path", "path", "image", "filename")
 PATIENT_COLUMNS = ("patient_id", "Patient ID", "PatientID", "patient")
 NIH_FINDINGS_COLUMN = "Finding Labels"
-# what training.predict writes beside the scores: never score columns
-ERROR_COLUMN = "error"
-DECISION_SUFFIX = "_positive"
 # spellings of one finding in different datasets, by canonical key (see `canonical`)
 ALIASES = {"effusion": "pleuraleffusion", "pleuralthickening": "pleuralthickening", "infiltrate": "infiltration"}
 
 
+LABEL_FIELD = "{label}"
+# score column templates tried when none is given: decorated ones first, so that in one file holding truth
+# (`Pneumonia`) and scores (`Pneumonia_prob`) the scores win a tie
+KNOWN_TEMPLATES = ("prob_{label}", "{label}_prob", LABEL_FIELD)
+
+
+def _spelling(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
 def canonical(name: str) -> str:
     """'Pleural_Thickening', 'pleural thickening' -> 'pleuralthickening'; aliases folded."""
-    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    key = _spelling(name)
     return ALIASES.get(key, key)
+
+
+def check_template(template: str) -> str:
+    """A score column template names the label once: 'prob_{label}', '{label}_score'."""
+    if template.count(LABEL_FIELD) != 1 or re.search(r"[{}]", template.replace(LABEL_FIELD, "")):
+        raise SystemExit(f"score column template {template!r} must hold {LABEL_FIELD} once and no other braces, "
+                         "e.g. 'prob_{label}' or '{label}_score'")
+    return template
+
+
+def template_label(column: str, template: str) -> str | None:
+    """The canonical label a score column names under `template` (any spelling of its prefix, suffix and
+    label: 'Prob-Pleural_Effusion' under 'prob_{label}' -> 'pleuraleffusion'), or None if it does not fit."""
+    prefix, suffix = (_spelling(part) for part in template.split(LABEL_FIELD))
+    key = _spelling(column)
+    if len(key) <= len(prefix) + len(suffix) or not (key.startswith(prefix) and key.endswith(suffix)):
+        return None
+    middle = key[len(prefix): len(key) - len(suffix)]
+    return ALIASES.get(middle, middle)
 
 
 @dataclass
@@ -65,10 +96,11 @@ def id_column(frame: pd.DataFrame, path) -> str:
     raise SystemExit(f"{path} has no image id column; name one of {list(ID_COLUMNS)}")
 
 
-def read_labels(path: str | Path, score_suffix: str = "") -> tuple[pd.DataFrame, list[str], list[str]]:
+def read_labels(path: str | Path, template: str | None = None) -> tuple[pd.DataFrame, list[str], list[str]]:
     """(frame indexed by image id with `patient_id` and one float column per label, label names,
-    notes). Truth values are 1, 0 or NaN. Columns ending in `score_suffix` hold scores (one
-    file with both), not labels."""
+    notes). Truth values are 1, 0 or NaN. Score columns of a file holding both are not labels: those that
+    fit `template` (not the bare `{label}`), or without one, those that fit a known decorated template and
+    name another column's label (`Pneumonia_prob` beside `Pneumonia`)."""
     frame = read_csv(path)
     ids = id_column(frame, path)
     notes = []
@@ -81,8 +113,7 @@ def read_labels(path: str | Path, score_suffix: str = "") -> tuple[pd.DataFrame,
         truth = pd.DataFrame(vectors.tolist(), columns=list(nih.LABEL_NAMES), index=frame.index)
         label_names = list(nih.LABEL_NAMES)
     else:
-        label_names = [c for c in frame.columns if not _is_metadata(c)
-                       and not (score_suffix and c.endswith(score_suffix))]
+        label_names = [c for c in frame.columns if not _is_metadata(c) and not _is_score(c, frame.columns, template)]
         text = frame[label_names].apply(lambda column: column.str.strip())
         truth = text.apply(pd.to_numeric, errors="coerce")
         unreadable = truth.isna() & (text != "")
@@ -116,14 +147,42 @@ def read_labels(path: str | Path, score_suffix: str = "") -> tuple[pd.DataFrame,
 
 def _is_metadata(column: str) -> bool:
     """Columns that are neither labels nor scores: ids, patients, CheXpert's Sex, Age,
-    Frontal/Lateral and AP/PA, a split, and what training.predict writes beside its scores."""
-    return (column in (*ID_COLUMNS, *PATIENT_COLUMNS, ERROR_COLUMN) or column.endswith(DECISION_SUFFIX)
+    Frontal/Lateral and AP/PA, a split, and what prediction files hold beside the scores
+    (training/serving/predictions.py)."""
+    return (column in (*ID_COLUMNS, *PATIENT_COLUMNS, ERROR_COLUMN, PREVALENCE_COLUMN, *IDENTITY_COLUMNS, SCORED_AT)
+            or column.endswith(DECISION_SUFFIX)
             or canonical(column) in {"sex", "age", "frontallateral", "appa", "split", "viewposition"})
 
 
-def read_predictions(path: str | Path, label_names: list[str], suffix: str = "") -> tuple[pd.DataFrame, dict, list]:
-    """(frame indexed by image id, {label: column}, notes) for the labels that have a score
-    column (`<label><suffix>`, spelled any way); scores must be finite numbers."""
+def _is_score(column: str, columns, template: str | None) -> bool:
+    if template is not None:
+        return template != LABEL_FIELD and template_label(column, template) is not None
+    keys = {canonical(c) for c in columns if c != column}
+    return any(template_label(column, known) in keys for known in KNOWN_TEMPLATES if known != LABEL_FIELD)
+
+
+def match_scores(columns, label_names: list[str], template: str | None = None) -> tuple[str, dict, list[str]]:
+    """(template, {label: column}, columns that fit the template but name no label). Without `template`,
+    the known template matching the most labels (ties: the first of KNOWN_TEMPLATES)."""
+    columns = [c for c in columns if not _is_metadata(c)]
+    best = None
+    for candidate in [check_template(template)] if template is not None else KNOWN_TEMPLATES:
+        fitting = {c: template_label(c, candidate) for c in columns}
+        by_key = {}
+        for column, key in fitting.items():
+            if key is not None:
+                by_key.setdefault(key, column)
+        matched = {name: by_key[canonical(name)] for name in label_names if canonical(name) in by_key}
+        unmatched = [c for c, key in fitting.items() if key is not None and c not in matched.values()]
+        if best is None or len(matched) > len(best[1]):
+            best = (candidate, matched, unmatched)
+    return best
+
+
+def read_predictions(path: str | Path, label_names: list[str],
+                     template: str | None = None) -> tuple[pd.DataFrame, dict, list]:
+    """(frame indexed by image id, {label: column}, notes) for the labels that have a score column under
+    `template` (spelled any way; see `match_scores`); scores must be finite numbers."""
     frame = read_csv(path)
     ids = id_column(frame, path)
     notes = []
@@ -133,11 +192,10 @@ def read_predictions(path: str | Path, label_names: list[str], suffix: str = "")
             notes.append(f"{int(failed.sum())} predicted images have an error instead of scores and are not scored, "
                          f"e.g. {frame.loc[failed, ids].iloc[0]!r}: {frame.loc[failed, ERROR_COLUMN].iloc[0]}")
         frame = frame[~failed].reset_index(drop=True)
-    candidates = {c: canonical(c[: len(c) - len(suffix)] if suffix else c) for c in frame.columns
-                  if not _is_metadata(c) and c.endswith(suffix)}
-    by_key = {key: column for column, key in candidates.items()}
-    columns = {name: by_key[canonical(name)] for name in label_names if canonical(name) in by_key}
-    unmatched = [c for c in candidates if c not in columns.values()]
+    used, columns, unmatched = match_scores(frame.columns, label_names, template)
+    if columns:
+        notes.append(f"score columns matched as {used!r} ({len(columns)} labels, e.g. {next(iter(columns.values()))!r})"
+                     + ("" if template else "; give --score-columns TEMPLATE to choose another"))
     if unmatched:
         notes.append(f"{len(unmatched)} prediction columns match no label and are ignored: {unmatched}")
     scores = frame[list(columns.values())].apply(lambda column: pd.to_numeric(column.str.strip(), errors="coerce"))
@@ -167,14 +225,17 @@ def _match_ids(predicted: pd.Index, labelled: pd.Index) -> tuple[pd.Index, str |
     return predicted, None
 
 
-def align(predictions_path, labels_path, suffix: str = "") -> Aligned:
-    """Truth and scores of every predicted image, for the labels both files have."""
-    truth, label_names, notes = read_labels(labels_path, suffix)
-    scores, columns, prediction_notes = read_predictions(predictions_path, label_names, suffix)
+def align(predictions_path, labels_path, template: str | None = None) -> Aligned:
+    """Truth and scores of every predicted image, for the labels both files have; score columns named by
+    `template` ('prob_{label}'), or by the known template that fits most labels."""
+    truth, label_names, notes = read_labels(labels_path, template)
+    scores, columns, prediction_notes = read_predictions(predictions_path, label_names, template)
     notes += prediction_notes
     if not columns:
+        tried = repr(template) if template else " or ".join(map(repr, KNOWN_TEMPLATES))
         raise SystemExit(f"{predictions_path} has no column matching a label of {labels_path} "
-                         f"({label_names}{f', with suffix {suffix!r}' if suffix else ''})")
+                         f"({label_names}) as {tried}; name the columns' pattern with --score-columns, "
+                         "e.g. '{label}_score'")
     unscored = [n for n in label_names if n not in columns]
     if unscored:
         notes.append(f"{len(unscored)} labels of the labels file have no predictions and are not scored: {unscored}")

@@ -56,6 +56,12 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"{path} holds objects other than tensors and plain values; refusing: {exc}") from exc
 
 
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 save() recorded beside the checkpoint (what load() checks it against); None without one."""
+    sidecar = _sidecar(Path(path))
+    return sidecar.read_text().strip() if sidecar.exists() else None
+
+
 def remove(path: Path) -> None:
     """Delete a checkpoint and its sidecar."""
     Path(path).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ import numpy as np
 from scipy.optimize import minimize
 from sklearn.isotonic import IsotonicRegression
 
-from cxr_pipeline.training.metrics import known
+from cxr_pipeline.training.evaluation.metrics import known
 
 METHODS = ("auto", "temperature", "platt", "isotonic", "none")
 ISOTONIC_MIN_PER_CLASS = 500
@@ -123,10 +123,21 @@ def expected_calibration_error(truth: np.ndarray, probabilities: np.ndarray, bin
     return float(total / max(len(truth), 1))
 
 
-def reliability(truth: np.ndarray, probabilities: np.ndarray,
-                bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean probability, observed positive rate, count) per non-empty equal-width bin."""
-    which = np.minimum((probabilities * bins).astype(int), bins - 1)
+RELIABILITY_BINS = 10
+RELIABILITY_MIN_PER_BIN = 20
+
+
+def reliability(truth: np.ndarray, probabilities: np.ndarray, bins: int = RELIABILITY_BINS,
+                min_per_bin: int = RELIABILITY_MIN_PER_BIN) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean probability, observed positive rate, count) per bin of the reliability diagram. Bins hold equal
+    counts of images (quantiles of the probabilities), `bins` of them, fewer when there are fewer than
+    `min_per_bin` images per bin (one bin below that): an equal-width bin holding two images would draw
+    a spike that says nothing. Equal probabilities stay in one bin, so a bin can hold more than its share.
+    (The ECE stays on 15 equal-width bins: expected_calibration_error.)"""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    count = max(1, min(bins, len(probabilities) // min_per_bin))
+    edges = np.quantile(probabilities, np.linspace(0, 1, count + 1)[1:-1]) if len(probabilities) else []
+    which = np.searchsorted(np.unique(edges), probabilities, side="right")
     present = np.unique(which)
     return (np.array([probabilities[which == b].mean() for b in present]),
             np.array([truth[which == b].mean() for b in present]),

@@ -1,0 +1,1 @@
+"""What a model looks at: Grad-CAM heatmaps and the overlays drawn from them."""
