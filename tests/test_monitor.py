@@ -2,7 +2,8 @@
 training.monitor): synthetic calibrated scores at val's prevalence pass and at another are flagged; a model
 trained on real pediatric pneumonia JPEGs, calibrated on held-out patients at the download's prevalence (74 %),
 scores with the Spark job a batch of other patients resampled to 20 % pneumonia, and the monitor table flags it
-and the job exits non-zero (or only warns); the command prints the runs and draws them."""
+and the job exits non-zero (or only warns); its prevalence estimate holds batches of those patients resampled to
+10, 50 and 90 % in its interval; the command prints the runs and draws them."""
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -15,7 +16,7 @@ from cxr_pipeline.etl.images import decode_resize
 from cxr_pipeline.etl.sources.pneumonia import patient_id_from_name
 from cxr_pipeline.schema import DatasetSpec
 from cxr_pipeline.training.data.inputs import InputTransform
-from cxr_pipeline.training.evaluation import calibration
+from cxr_pipeline.training.evaluation import calibration, prevalence
 from cxr_pipeline.training.evaluation.gathered import Predictions
 from cxr_pipeline.training.loop import checkpoints
 from cxr_pipeline.training.loop.outputs import val_population
@@ -211,6 +212,31 @@ def test_the_real_model_at_vals_prevalence_is_not_flagged(trained):
     row = monitor.monitor_rows(probabilities, ["Pneumonia"], reference, "m", NOW).iloc[0]
     assert not row.flagged, row["flags"]
     assert abs(row.prevalence_estimate - 110 / 150) < 0.1 and row.psi < 0.2
+
+
+@pytest.fixture(scope="module")
+def held_out_probabilities(trained):
+    """The logged checkpoint's calibrated probabilities of the 400 + 400 held-out children's images."""
+    from cxr_pipeline.training.serving import scorer as scoring
+
+    model = scoring.load(str(trained["checkpoint"]))
+    with torch.no_grad():
+        return {kind: model.probabilities(stored(paths))[:, 0] for kind, paths in trained["held_out"].items()}
+
+
+@pytest.mark.parametrize("share", [0.10, 0.50, 0.90])
+def test_the_real_model_finds_a_batch_resampled_to_another_prevalence_within_its_interval(
+        trained, held_out_probabilities, share):
+    """Prior shift on real images: 300 held-out children's images (in neither training nor calibration, so drawn
+    as val was) resampled to 10, 50 and 90 % pneumonia. EM on the checkpoint's calibrated probabilities, against
+    its stored val prevalence (74 %), puts the batch's true prevalence inside its interval."""
+    rng = np.random.default_rng(int(share * 100))
+    positives = round(300 * share)
+    batch = np.concatenate([rng.choice(held_out_probabilities["PNEUMONIA"], positives, replace=False),
+                            rng.choice(held_out_probabilities["NORMAL"], 300 - positives, replace=False)])
+    (found,) = prevalence.estimate(batch[:, None], trained["population"]["val_prevalence"], ["Pneumonia"])
+    assert found.low <= share <= found.high, found
+    assert abs(found.estimate - share) < 0.1 and abs(batch.mean() - share) > abs(found.estimate - share)
 
 
 def test_a_nightly_run_resampled_to_20_percent_pneumonia_flags_the_shift_and_fails(trained, nightly):
