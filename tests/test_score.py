@@ -241,18 +241,27 @@ def test_spark_job_merges_through_delta_on_spark_into_a_catalog_table_and_adds_n
     """The Databricks path: --table catalog.schema.table, so the default engine is delta-spark and the rows are
     MERGEd on (image_id, model_uri) from the executors. A rerun with one new image and --rescore-errors MERGEs:
     it inserts the new image's row, replaces the two error rows, and adds nothing for the images already
-    scored. delta-rs reads the table Spark wrote, by its location in the warehouse."""
+    scored. Each run appends its shift-monitor rows to a catalog table the same way (flagged for its unreadable
+    share; --monitor-warn-only lets the job succeed). delta-rs reads both tables Spark wrote, by their locations
+    in the warehouse."""
     folder = images(tmp_path)
     name = "spark_catalog.default.image_scores"  # the metastore's own schema (test_delta_engines makes one)
     env = {"MLFLOW_TRACKING_URI": logged["store"], **spark_catalog_env}
     score = [BIN / "python", "jobs/score.py", "--master", "local[2]", "--model-uri", f"models:/{MODEL_NAME}/1",
-             "--images", folder, "--table", name, "--batch-size", 4]
+             "--images", folder, "--table", name, "--batch-size", 4,
+             "--monitor-table", "spark_catalog.default.score_monitor", "--monitor-warn-only"]
     first = run_cli(*score, env=env)
     assert "rows added 9" in first.stderr
+    warehouse = tmp_path / "spark-catalog" / "warehouse"
+    watched = DeltaTable(str(warehouse / "score_monitor")).to_pandas()
+    assert sorted(watched["label"]) == sorted(logged["spec"].label_names)
+    assert (watched["n_images"] == 9).all() and (watched["n_unreadable"] == 2).all() and watched["flagged"].all()
+    assert str(watched["scored_at"].dt.tz) == "UTC" and watched["scored_at"].nunique() == 1
     shutil.copy(sorted(NIH.joinpath("images").glob("*.png"))[10], folder / "arrived_later.png")
     second = run_cli(*score, "--rescore-errors", env=env)
     assert "rows added 1, earlier error rows replaced 2, rows of this model kept as they were 7" in second.stderr
-    table = DeltaTable(str(tmp_path / "spark-catalog" / "warehouse" / "image_scores"))
+    assert DeltaTable(str(warehouse / "score_monitor")).to_pandas()["scored_at"].nunique() == 2
+    table = DeltaTable(str(warehouse / "image_scores"))
     rows = table.to_pandas()
     assert len(rows) == 10 and rows["image_id"].is_unique and set(rows["model_uri"]) == {f"models:/{MODEL_NAME}/1"}
     assert rows.set_index("image_id").loc["broken.png", "error"].startswith("not_an_image")
