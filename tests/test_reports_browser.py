@@ -34,7 +34,8 @@ CHECK = """<script>window.addEventListener("load", () => {
   const images = [...document.images].map((i) => ({alt: i.alt, loaded: i.complete && i.naturalWidth > 0,
                                                   width: i.getBoundingClientRect().width}));
   const tables = [...document.querySelectorAll("table")].map((t) => ({heading: heading(t), rows: t.rows.length,
-                                                                     height: t.getBoundingClientRect().height}));
+                                                                     height: t.getBoundingClientRect().height,
+                                                                     right: t.getBoundingClientRect().right}));
   const out = document.createElement("script");
   out.type = "application/json";
   out.id = "render-check";
@@ -67,7 +68,8 @@ def rendered(browser: str, page: Path, work: Path) -> dict:
     assert "</head>" in source, f"{page} has no <head> to add the check to"
     copy = work / f"checked_{page.parent.name}_{page.name}"
     copy.write_text(source.replace("</head>", CHECK + "</head>", 1))
-    dom = headless(browser, work / "profile", "--virtual-time-budget=10000", "--dump-dom", copy.as_uri()).stdout
+    dom = headless(browser, work / "profile", f"--window-size={WINDOW[0]},{WINDOW[1]}", "--virtual-time-budget=10000",
+                   "--dump-dom", copy.as_uri()).stdout
     found = re.search(r'<script type="application/json" id="render-check">(.*?)</script>', dom, re.S)
     assert found, f"the check did not run in {copy}; the DOM Chromium returned begins:\n{dom[:2000]}"
     return json.loads(found.group(1))
@@ -84,8 +86,8 @@ def screenshot(browser: str, page: Path, work: Path) -> np.ndarray:
 
 def assert_seen(browser: str, page: Path, work: Path, images: set[str], headings: list[str]) -> dict:
     """Every image of `page` decoded and shown, these `images` among them (by alt: the file name); one table
-    per <table> written, each with rows and a height, under these `headings` in order (prefixes); the
-    screenshot not blank."""
+    per <table> written, each with rows and a height, under these `headings` in order (prefixes), none reaching
+    past the right edge of a 1280 px window; the screenshot not blank."""
     seen = rendered(browser, page, work)
     broken = [image["alt"] for image in seen["images"] if not (image["loaded"] and image["width"] > 0)]
     assert not broken, f"{page}: images not shown: {broken}"
@@ -93,6 +95,8 @@ def assert_seen(browser: str, page: Path, work: Path, images: set[str], headings
     assert len(seen["images"]) == page.read_text().count("<img ")
     assert len(seen["tables"]) == page.read_text().count("<table"), f"{page}: tables lost in rendering"
     assert all(table["rows"] >= 2 and table["height"] > 20 for table in seen["tables"]), seen["tables"]
+    wide = [(table["heading"], round(table["right"])) for table in seen["tables"] if table["right"] > WINDOW[0]]
+    assert not wide, f"{page}: tables wider than a {WINDOW[0]} px window (heading, right edge): {wide}"
     titles = [table["heading"] or "" for table in seen["tables"]]
     assert len(titles) == len(headings) and all(t.startswith(h) for t, h in zip(titles, headings)), titles
     pixels = screenshot(browser, page, work)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_pipeline.training.evaluation import metric_columns
-from cxr_pipeline.training.evaluation.html_tables import STYLE, image_tag, number_table, with_interval
+from cxr_pipeline.training.evaluation.html_tables import (STYLE, image_tag, intervals_folded, number_table,
+                                                          with_interval)
 from cxr_pipeline.training.evaluation.results import dataset_version, latest_run
 
 DETAIL_COLUMNS = ["label", *(name for name in metric_columns.names() if name != "operating_point")]
@@ -45,7 +46,7 @@ def calibration_section(run_dir: Path, stage: str) -> list[str]:
             "its probabilities alone (labels unseen, as <code>predict --prevalence auto</code> does), with its 95% "
             "bootstrap interval, beside the true <code>prevalence</code>; <code>brier_adjusted</code> and "
             "<code>ece_adjusted</code> are the figures after moving the probabilities to that estimate.</p>",
-            number_table(frame)]
+            number_table(intervals_folded(frame))]
 
 
 def comparison(results: pd.DataFrame) -> pd.DataFrame:
@@ -86,7 +87,7 @@ def render(results: pd.DataFrame, run_id: str | None = None) -> str:
         epoch = rows["best_epoch"].iloc[0]
         title = f"{html.escape(stage)} &mdash; {html.escape(split)}"
         title += "" if pd.isna(epoch) else f" (best epoch {int(epoch)})"  # ensembles have none
-        parts.append(f"<h2>{title}</h2>{number_table(rows[present])}")
+        parts.append(f"<h2>{title}</h2>{number_table(intervals_folded(rows[present]))}")
     for stage in dict.fromkeys(run["stage"]):
         parts += operating_point_section(run_dir, stage) + calibration_section(run_dir, stage)
     figures = (sorted(run_dir.glob("roc_*.png")) + sorted(run_dir.glob("reliability_*.png"))
