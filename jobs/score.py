@@ -50,10 +50,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import tempfile
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,16 +60,17 @@ import pandas as pd
 from cxr_pipeline.etl import versions
 from cxr_pipeline.etl.sessions import session_builder
 from cxr_pipeline.jobs import score_monitor
+from cxr_pipeline.jobs.score_executors import partition_scorer
+from cxr_pipeline.jobs.score_model import (NoModelVersion, download_model, model_spec, pin_registry,
+                                           resolve_model_uri)
 from cxr_pipeline.schema import SPLITS, DatasetSpec, read_dataset_spec, split_dir
-from cxr_pipeline.training.evaluation.results import add_engine_argument, quoted, resolve_engine
+from cxr_pipeline.training.evaluation.results import add_engine_argument, resolve_engine
 from cxr_pipeline.training.serving.prediction_table import earlier_rows, merge_spark, write_deltalake_rows
-from cxr_pipeline.training.serving.predictions import (ERROR_COLUMN, IDENTITY_COLUMNS, KEY, PREVALENCE_COLUMN,
-                                                       SCORED_AT, columns, decision_column, label_columns,
-                                                       spark_schema, table_names, to_arrow)
+from cxr_pipeline.training.serving.predictions import (ERROR_COLUMN, KEY, SCORED_AT, label_columns, spark_schema,
+                                                       to_arrow)
 
 log = logging.getLogger("score")
 RETRY_ERRORS = "t.error <> ''"  # only an error row is ever replaced (--rescore-errors); a scored one stays
-SCORING_FAILED = "scoring_failed"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,151 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- the model --------------------------------------------------------------------------------------------
-class NoModelVersion(Exception):
-    """The registry has no version under the name and alias (or `latest`) asked for: nothing to score with yet."""
-
-
-def pin_registry() -> None:
-    """MLflow's registry for resolving and downloading `models:/` URIs: the one training registers in
-    (training.serving.tracking.registry_uri: Unity Catalog when tracking goes to Databricks)."""
-    import mlflow
-
-    from cxr_pipeline.training.serving.tracking import registry_uri
-
-    registry = registry_uri(mlflow.get_tracking_uri())
-    if registry:
-        mlflow.set_registry_uri(registry)
-
-
-def resolve_model_uri(uri: str) -> str:
-    """A URI that names one immutable model: registry aliases and `latest` become the version they point at;
-    a local folder becomes its absolute path. NoModelVersion when none exists yet."""
-    if "://" not in uri and not uri.startswith(("models:", "runs:")):
-        return str(Path(uri).resolve())
-    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(latest))", uri)
-    if not match:
-        return uri
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    name, alias = match.group(1), match.group(2)
-    if alias:
-        try:
-            version = client.get_model_version_by_alias(name, alias).version
-        except MlflowException as exc:
-            # No such alias: INVALID_PARAMETER_VALUE (SQL store) or RESOURCE_DOES_NOT_EXIST / NOT_FOUND (a missing
-            # model, Unity Catalog); anything else (credentials, network) is a real failure.
-            if exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-                raise
-            raise NoModelVersion(f"no version of {name!r} carries the alias {alias!r} yet ({exc.error_code}). "
-                                 f"Promote one: MlflowClient().set_registered_model_alias({name!r}, {alias!r}, "
-                                 "VERSION), or in Catalog Explorer") from None
-    else:
-        versions = client.search_model_versions(f"name = {quoted(name)}")
-        if not versions:
-            raise NoModelVersion(f"the registry has no version of {name!r} yet: register one with train.py "
-                                 "--register-model")
-        version = max(int(v.version) for v in versions)
-    return f"models:/{name}/{version}"
-
-
-def download_model(uri: str, scratch: Path) -> Path:
-    """The model's folder on the driver, under a name of its own (executors find it by that name in SparkFiles)."""
-    import mlflow
-
-    folder = scratch / f"cxr-model-{uuid.uuid4().hex[:12]}"
-    folder.mkdir(parents=True)
-    mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder))
-    return folder
-
-
-def model_spec(folder: Path) -> DatasetSpec:
-    from mlflow.models import Model
-
-    spec = (Model.load(str(folder / "MLmodel")).metadata or {}).get("dataset_spec")
-    if not spec:
-        raise SystemExit(f"{folder}: not a model logged by training/serving/mlflow_model.py "
-                         "(no dataset_spec in its metadata)")
-    return DatasetSpec.from_json(spec)
-
-
-# ---- executors --------------------------------------------------------------------------------------------
-def predict_or_explain(model, frame: pd.DataFrame, batch_size: int) -> pd.DataFrame:
-    """model.predict on a batch; if the batch fails as a whole, row by row, a row that still fails getting
-    its reason in `error`: a bad image must never fail the job."""
-    try:
-        return model.predict(frame, params={"batch_size": batch_size})
-    except Exception:  # noqa: BLE001 - retried row by row below, where each failure is reported
-        rows = []
-        for index in range(len(frame)):
-            try:
-                rows.append(model.predict(frame.iloc[index:index + 1], params={"batch_size": 1}))
-            except Exception as exc:  # noqa: BLE001
-                rows.append(pd.DataFrame({ERROR_COLUMN: [f"{SCORING_FAILED}: {type(exc).__name__}: {exc}"]},
-                                         index=frame.index[index:index + 1]))
-        return pd.concat(rows)
-
-
-def table_rows(scored: pd.DataFrame, batch: pd.DataFrame, model_uri: str, label_names) -> pd.DataFrame:
-    """The model's output for a batch of (image_id, path, input) as table rows, less scored_at (one per job): the
-    batch's ids and paths, the pinned model URI, the table's column names."""
-    names = [name for name in columns(label_names, table=True) if name != SCORED_AT]
-    # a row that failed as a whole (predict_or_explain) has only its error
-    rows = scored.rename(columns=table_names(label_names)).reindex(columns=names)
-    rows["image_id"], rows["path"] = batch["image_id"].to_numpy(), batch["path"].to_numpy()
-    rows["model_uri"] = model_uri
-    for name in map(decision_column, label_columns(label_names, table=True)):
-        rows[name] = rows[name].astype("Int32")
-    rows[[ERROR_COLUMN, PREVALENCE_COLUMN]] = rows[[ERROR_COLUMN, PREVALENCE_COLUMN]].fillna("")
-    rows[list(IDENTITY_COLUMNS)] = rows[list(IDENTITY_COLUMNS)].astype(object).where(rows[list(IDENTITY_COLUMNS)]
-                                                                                     .notna(), None)
-    return rows
-
-
-def model_input(batch: pd.DataFrame, input_column: str) -> tuple[pd.DataFrame, pd.Series]:
-    """What the model scores for a batch, and each row's read error ("" where none). ETL pixels go as they are.
-    Image files (`path`) are read here, on the executor (this job is trusted with the paths it lists; the model
-    reads no paths, training/serving/mlflow_model.py) and go as their bytes (`content`); a file that cannot be
-    read goes as nothing, with training.predict's reason (scorer.read_image: image_missing, unreadable_file)."""
-    if input_column != "path":
-        return batch[[input_column]], pd.Series("", index=batch.index, dtype=object)
-    from cxr_pipeline.etl.images import ImageError
-    from cxr_pipeline.training.serving.mlflow_model import CONTENT_COLUMN
-    from cxr_pipeline.training.serving.scorer import read_image
-
-    contents, errors = [], []
-    for path in batch["path"]:
-        try:
-            contents.append(read_image(Path(path)))
-            errors.append("")
-        except ImageError as exc:
-            contents.append(None)
-            errors.append(str(exc))
-    return (pd.DataFrame({CONTENT_COLUMN: contents}, index=batch.index),
-            pd.Series(errors, index=batch.index, dtype=object))
-
-
-def partition_scorer(model_folder_name: str, model_uri: str, input_column: str, spec: DatasetSpec, batch_size: int):
-    """The function mapInPandas runs: (image_id, path, input) batches -> table rows (without scored_at); image
-    files are read here and scored as bytes (model_input)."""
-    def score(batches):
-        from pyspark import SparkFiles
-
-        from cxr_pipeline.training.serving.mlflow_model import cached_model
-
-        model = cached_model(SparkFiles.get(model_folder_name))  # once per Python worker
-        for batch in batches:
-            frame, unread = model_input(batch, input_column)
-            scored = predict_or_explain(model, frame, batch_size)
-            # an unread file's row: the model saw no input; the reason is the read's
-            scored[ERROR_COLUMN] = scored[ERROR_COLUMN].where(unread == "", unread)
-            yield table_rows(scored, batch, model_uri, spec.label_names)
-    return score
-
-
-# ---- driver ---------------------------------------------------------------------------------------------------
 def spark_session(args):
     delta = "delta-spark" in (args.engine, args.monitor_engine)  # either table through Delta on Spark
     spark = session_builder("cxr-score", args.master, delta=delta).getOrCreate()

@@ -406,7 +406,7 @@ def test_scoring_job_scores_new_images_nightly_with_the_registered_model_into_a_
     default engine writes through Delta on Spark on Databricks (never delta-rs on a volume)."""
     from cxr_pipeline.config import parse_args
     from cxr_pipeline.jobs.score import build_parser as score_parser
-    from cxr_pipeline.jobs.score import resolve_model_uri
+    from cxr_pipeline.jobs.score_model import resolve_model_uri
     from cxr_pipeline.training.evaluation.results import resolve_engine
     from cxr_pipeline.training.train import build_parser as train_parser
 

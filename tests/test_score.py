@@ -116,7 +116,7 @@ def test_training_predict_the_mlflow_model_and_the_scores_table_write_one_schema
     and the two files of one checkpoint the same scores, decisions and identity."""
     import mlflow
 
-    from cxr_pipeline.jobs.score import table_rows
+    from cxr_pipeline.jobs.score_executors import table_rows
     from cxr_pipeline.training.evaluation.gathered import Predictions
     from cxr_pipeline.training.loop.distributed import Single
     from cxr_pipeline.training.loop.outputs import RunOutputs
@@ -200,7 +200,7 @@ def test_spark_job_scores_an_etl_dataset_like_predict(logged, nih_dataset, tmp_p
 
 
 def test_a_batch_that_fails_is_scored_row_by_row_and_bad_rows_get_a_reason():
-    from cxr_pipeline.jobs.score import predict_or_explain
+    from cxr_pipeline.jobs.score_executors import predict_or_explain
 
     class Fussy:
         def predict(self, frame, params=None):
@@ -217,7 +217,7 @@ def test_a_batch_that_fails_is_scored_row_by_row_and_bad_rows_get_a_reason():
 def test_executors_read_the_files_and_give_the_model_bytes_with_predicts_reasons_for_unread_ones(tmp_path):
     """The model reads no paths (training/serving/mlflow_model.py): jobs/score.py's executors read each file and
     pass its bytes; a missing or unreadable file goes as nothing, its reason the one training.predict gives."""
-    from cxr_pipeline.jobs.score import model_input
+    from cxr_pipeline.jobs.score_executors import model_input
     from cxr_pipeline.schema import DatasetSpec
     from cxr_pipeline.training.serving.scorer import read_batches
 
