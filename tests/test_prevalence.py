@@ -159,6 +159,11 @@ def test_predict_prevalence_auto_adjusts_to_the_estimate_and_keeps_the_decisions
     given = predict(["--checkpoint", str(checkpoint), str(nih_dataset), "--split", "test", "--prevalence",
                      f"{label}=0.5", "--output", str(tmp_path / "given.csv")])
     assert set(given[PREVALENCE_COLUMN]) == {json.dumps({label: 0.5})}
+    assert len(given) < prevalence.MIN_IMAGES  # too few to estimate from: refused before anything is scored
+    with pytest.raises(SystemExit, match=rf"--prevalence: .* {len(given)} here, at least {prevalence.MIN_IMAGES}"):
+        predict(["--checkpoint", str(checkpoint), str(nih_dataset), "--split", "test", "--prevalence", "auto",
+                 "--output", str(tmp_path / "refused.csv")])
+    assert not (tmp_path / "refused.csv").exists()
 
 
 def test_mlflow_model_takes_the_prevalence_param(trained):
@@ -168,12 +173,19 @@ def test_mlflow_model_takes_the_prevalence_param(trained):
     model = ChestXrayModel()
     model.scorer = scoring.load(str(checkpoint))
     assert "prevalence" in [param.name for param in signature(model.scorer.spec).params.params]
-    files = sorted(require(NIH / "images").glob("*.png"))[:6]
+    files = sorted(require(NIH / "images").glob("*.png"))
+    assert len(files) >= prevalence.MIN_IMAGES
     images = pd.DataFrame({"content": [path.read_bytes() for path in files]})
     plain = model.predict(None, images, {"prevalence": ""})
     auto = model.predict(None, images, {"prevalence": "auto"})
     assert (plain[PREVALENCE_COLUMN] == "").all() and len(set(auto[PREVALENCE_COLUMN])) == 1
     assert json.loads(auto[PREVALENCE_COLUMN].iloc[0])
+    # one HTTP request of a few images is not a site's batch: EM on them would move each probability to 0 or 1
+    with pytest.raises(scoring.PrevalenceError, match=r"6 here, at least 100 needed .* or give the prevalence"):
+        model.predict(None, images[:6], {"prevalence": "auto"})
+    label = next(name for name, p in zip(model.scorer.spec.label_names, model.scorer.val_prevalence) if 0 < p < 1)
+    given = model.predict(None, images[:6], {"prevalence": f"{label}=0.3"})  # a number needs no batch
+    assert set(given[PREVALENCE_COLUMN]) == {json.dumps({label: 0.3})}
 
 
 def test_a_checkpoint_without_val_prevalence_is_refused_with_what_to_do(trained, nih_dataset, tmp_path):

@@ -48,9 +48,9 @@ from cxr_pipeline.training.models.fusion import metadata_features
 from cxr_pipeline.training.models.registry import uses_metadata
 from cxr_pipeline.training.serving.prediction_table import write_predictions
 from cxr_pipeline.training.serving.predictions import ERROR_COLUMN, PREVALENCE_COLUMN, to_arrow, write_predictions_csv
-from cxr_pipeline.training.serving.scorer import (PrevalenceError, Scorer, adjust_rows, check_pixels, checked_targets,
-                                                  dataset_batches, image_paths, is_dataset, load, predict_rows,
-                                                  read_batches)
+from cxr_pipeline.training.serving.scorer import (PrevalenceError, Scorer, adjust_rows, check_enough_to_estimate,
+                                                  check_pixels, checked_targets, dataset_batches, image_paths,
+                                                  is_dataset, load, predict_rows, read_batches)
 
 log = logging.getLogger("predict")
 
@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--prevalence", default="",
                         help="move the calibrated probabilities from val's prevalence to this one: 'auto' (estimated "
-                             "from all the images scored, logged with its 95%% interval), P in (0, 1) for a one-label "
-                             "model, or 'label=P,label2=Q' ('label=auto' too); decisions stay at the run's thresholds "
-                             "(default: val's prevalence, unadjusted)")
+                             f"from all the images scored, at least {prevalence.MIN_IMAGES}, logged with its 95%% "
+                             "interval), P in (0, 1) for a one-label model, or 'label=P,label2=Q' ('label=auto' too); "
+                             "decisions stay at the run's thresholds (default: val's prevalence, unadjusted)")
     parser.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs here, <image>_<label>.png")
     parser.add_argument("--label", help="label of the overlays (default: each image's "
                                         f"{overlays.TOP_LABELS} most probable labels)")
@@ -137,13 +137,20 @@ def main(argv=None) -> pd.DataFrame:
     else:
         paths = image_paths(args.inputs)
         total, batches = len(paths), read_batches(paths, scorer.spec, args.batch_size)
+    try:
+        check_enough_to_estimate(targets, total)  # before scoring; adjust_rows checks again what could be read
+    except PrevalenceError as exc:
+        raise SystemExit(f"--prevalence: {exc}") from None
     rows = predict_rows(scorer, batches, total, extra)
     failed = int((rows[ERROR_COLUMN] != "").sum())
     log.info("scored %d images with %s (%s, operating point %s); %d unreadable, listed with their reason",
              len(rows) - failed, args.checkpoint, "calibrated" if scorer.calibration else "not calibrated",
              scorer.operating_point or "none", failed)
     if targets:
-        rows, estimates = adjust_rows(scorer, rows, targets)
+        try:
+            rows, estimates = adjust_rows(scorer, rows, targets)
+        except PrevalenceError as exc:  # too few of the images could be read
+            raise SystemExit(f"--prevalence: {exc}") from None
         if estimates:
             log.info("prevalence estimated from the %d images scored:\n%s", len(rows) - failed,
                      prevalence.describe(estimates, [scorer.val_prevalence[scorer.spec.label_names.index(e.label)]

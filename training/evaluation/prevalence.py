@@ -35,6 +35,10 @@ EPSILON = 1e-6
 TOLERANCE = 1e-6
 MAX_ITERATIONS = 1000
 BOOTSTRAP_ELEMENTS = 4_000_000  # resamples x images iterated at once (32 MB a float64 array)
+# The fewest scored images a prevalence is estimated from to move probabilities to it: with 100, a binary label's
+# prevalence is known to about +-0.1 (binomial, 95 %); with one, EM drives the estimate to 0 or 1 and the moved
+# probability with it.
+MIN_IMAGES = 100
 
 
 @dataclass(frozen=True)

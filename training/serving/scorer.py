@@ -272,11 +272,22 @@ def checked_targets(scorer: Scorer, setting: str | None) -> dict[str, float | st
     return {name: target for name, target in targets.items() if name not in unusable}
 
 
+def check_enough_to_estimate(targets: dict, scored: int) -> None:
+    """PrevalenceError, saying what to do, where a label is to be estimated ("auto") from fewer than
+    prevalence.MIN_IMAGES scored images."""
+    if AUTO in targets.values() and scored < prevalence.MIN_IMAGES:
+        raise PrevalenceError(f"'auto' estimates the prevalence from the images scored together: {scored} here, at "
+                              f"least {prevalence.MIN_IMAGES} needed (from fewer the estimate, and the probabilities "
+                              "moved to it, are noise). Score the site's images in one call (predict over their "
+                              "folder, jobs/score.py), or give the prevalence as a number")
+
+
 def adjust_rows(scorer: Scorer, rows: pd.DataFrame, setting: str | dict | None,
                 seed: int = 0) -> tuple[pd.DataFrame, list[prevalence.PrevalenceEstimate]]:
     """Prediction rows (predict_rows) with the probabilities of the labels `setting` names (prevalence_targets,
     or what checked_targets made of it) moved from val's prevalence to the one given, or, for "auto", to the one
-    estimated from these rows' probabilities (every scored row together); PREVALENCE_COLUMN says which, as JSON.
+    estimated from these rows' probabilities (every scored row together, at least prevalence.MIN_IMAGES of them);
+    PREVALENCE_COLUMN says which, as JSON.
     Decisions are left as the run's thresholds made them (see the module doc). Returns the rows and the
     estimates made."""
     names = list(scorer.spec.label_names)
@@ -289,6 +300,7 @@ def adjust_rows(scorer: Scorer, rows: pd.DataFrame, setting: str | dict | None,
         log.warning("%s not calibrated on val: the prevalence adjustment assumes calibrated probabilities, "
                     "theirs may be off", ", ".join(uncalibrated))
     probabilities = rows[names].to_numpy(dtype=np.float64)
+    check_enough_to_estimate(targets, int(np.isfinite(probabilities).any(axis=1).sum()))
     estimated = [name for name in names if targets.get(name) == AUTO]
     estimates = prevalence.estimate(probabilities[:, [names.index(name) for name in estimated]],
                                     [scorer.val_prevalence[names.index(name)] for name in estimated], estimated,
