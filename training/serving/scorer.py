@@ -278,8 +278,8 @@ def check_enough_to_estimate(targets: dict, scored: int) -> None:
     if AUTO in targets.values() and scored < prevalence.MIN_IMAGES:
         raise PrevalenceError(f"'auto' estimates the prevalence from the images scored together: {scored} here, at "
                               f"least {prevalence.MIN_IMAGES} needed (from fewer the estimate, and the probabilities "
-                              "moved to it, are noise). Score the site's images in one call (predict over their "
-                              "folder, jobs/score.py), or give the prevalence as a number")
+                              "moved to it, are noise). Score the site's images together (predict over their "
+                              "folder), or give the prevalence as a number")
 
 
 def adjust_rows(scorer: Scorer, rows: pd.DataFrame, setting: str | dict | None,
