@@ -71,6 +71,12 @@ def test_adjust_moves_probabilities_toward_the_target_and_is_the_identity_at_the
     np.testing.assert_allclose(back[inner], scores[inner], atol=1e-9)
     with pytest.raises(ValueError, match="prior 0.0 is not a prevalence"):
         prevalence.adjust(scores, [0.0] * 3, [0.5] * 3)
+    # an unknown prior (None, as checkpoints store it) is left alone where no target asks to move its label
+    unknown = prevalence.adjust(scores, [None, VAL_PRIOR, np.nan], [None, 0.2, None])
+    np.testing.assert_array_equal(unknown[:, [0, 2]], scores[:, [0, 2]])
+    np.testing.assert_array_equal(unknown[:, 1], prevalence.adjust(scores[:, [1]], [VAL_PRIOR], [0.2])[:, 0])
+    with pytest.raises(ValueError, match="prior None is not a prevalence"):
+        prevalence.adjust(scores, [None] * 3, [0.5] * 3)
 
 
 def test_prevalence_settings_are_parsed_or_refused_with_the_reason():

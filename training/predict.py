@@ -63,8 +63,7 @@ def shown_thresholds(scorer: Scorer, used: str) -> list[float | None]:
     targets = json.loads(used)
     names = scorer.spec.label_names
     moved = prevalence.adjust(np.array([[np.nan if t is None else t for t in scorer.thresholds]]),
-                              [np.nan if p is None else p for p in scorer.val_prevalence],
-                              [targets.get(name) for name in names])[0]
+                              scorer.val_prevalence, [targets.get(name) for name in names])[0]
     return [None if t is None else float(m) for t, m in zip(scorer.thresholds, moved)]
 
 

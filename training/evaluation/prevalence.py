@@ -109,11 +109,12 @@ def estimate(probabilities: np.ndarray, prior: Sequence[float], label_names, n_r
     return found
 
 
-def adjust(probabilities: np.ndarray, prior: Sequence[float], target: Sequence[float | None]) -> np.ndarray:
+def adjust(probabilities: np.ndarray, prior: Sequence[float | None], target: Sequence[float | None]) -> np.ndarray:
     """(N, L) probabilities calibrated to `prior` -> calibrated to `target`, per label:
     logit(p') = logit(p) + logit(target) - logit(prior). A label whose target is None or NaN (not asked for,
-    or not estimable) is returned unchanged, as is one whose target equals its prior; NaN stays NaN. Targets
-    are clipped to (EPSILON, 1 - EPSILON)."""
+    or not estimable) is returned unchanged, as is one whose target equals its prior; NaN stays NaN. A prior
+    that is None or NaN (unknown) is refused only where its label has a target. Targets are clipped to
+    (EPSILON, 1 - EPSILON)."""
     adjusted = np.array(probabilities, dtype=np.float64)
     if adjusted.ndim != 2 or len(prior) != adjusted.shape[1] or len(target) != adjusted.shape[1]:
         raise ValueError(f"probabilities of shape {adjusted.shape}, {len(prior)} priors, {len(target)} targets: "

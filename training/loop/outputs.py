@@ -176,8 +176,7 @@ def with_prevalence(rows: list[dict], calibrated: Predictions, prior: list[float
     if prior is None:
         return rows
     estimates = prevalence.estimate(calibrated.scores, prior, label_names, seed=seed)
-    adjusted = prevalence.adjust(calibrated.scores, [np.nan if p is None else p for p in prior],
-                                 [e.estimate for e in estimates])
+    adjusted = prevalence.adjust(calibrated.scores, prior, [e.estimate for e in estimates])
     extended = []
     for index, (row, estimate) in enumerate(zip(rows, estimates)):
         rows_known = known(calibrated.labels[:, index])

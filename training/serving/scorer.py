@@ -307,7 +307,7 @@ def adjust_rows(scorer: Scorer, rows: pd.DataFrame, setting: str | dict | None,
                                     seed=seed) if estimated else []
     used = {**targets, **{e.label: e.estimate for e in estimates}}
     target = [used[name] if name in used and np.isfinite(used[name]) else None for name in names]
-    adjusted = prevalence.adjust(probabilities, [np.nan if p is None else p for p in scorer.val_prevalence], target)
+    adjusted = prevalence.adjust(probabilities, scorer.val_prevalence, target)
     stated = json.dumps({name: round(float(value), 4) for name, value in zip(names, target) if value is not None})
     return rows.assign(**{name: adjusted[:, index] for index, name in enumerate(names)},
                        **{PREVALENCE_COLUMN: stated if stated != "{}" else ""}), estimates
