@@ -108,3 +108,21 @@ def test_a_catalog_table_name_through_a_local_metastore_written_and_read_by_diff
     assert "run run-1: small_cnn" in shown and shown.count("version ") == 3
     mean = next(line for line in shown.splitlines() if line.startswith("mean"))
     assert mean.split()[1:5] == ["0.720", "0.720", "0.820", "0.820"], mean
+
+
+def test_delta_rs_writers_refuse_a_catalog_table_name_before_writing_and_name_the_flag(tmp_path, monkeypatch):
+    """delta-rs writes folders only: the results, prediction and monitor tables' writers refuse a catalog name
+    with the engine flag to change, and leave no folder of that name behind."""
+    from cxr_pipeline.training.serving import monitor
+    from cxr_pipeline.training.serving.prediction_table import write_deltalake_rows
+
+    monkeypatch.chdir(tmp_path)
+    name = "main.cxr.anything"
+    with pytest.raises(SystemExit, match=r"'main.cxr.anything' is a catalog table name: set --results-engine to "
+                                         r"delta-spark or auto"):
+        write_results(name, sample_rows("run-1", "kt", 0.6), "deltalake")
+    with pytest.raises(SystemExit, match="is a catalog table name: set --engine to delta-spark"):
+        monitor.write_rows(name, pd.DataFrame(columns=monitor.MONITOR_SCHEMA.names), "deltalake")
+    with pytest.raises(SystemExit, match="is a catalog table name: set the engine to delta-spark"):
+        write_deltalake_rows(name, None, "models:/m/1")
+    assert not list(tmp_path.iterdir())

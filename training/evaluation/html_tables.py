@@ -15,7 +15,6 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}th{b
 tr.this{background:#fff3c4}img{max-width:48%;margin:4px;border:1px solid #ddd}code{background:#f4f4f4}"""
 
 
-
 def image_tag(path: Path) -> str:
     """The PNG inline (base64), so the page can be mailed or attached on its own."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")

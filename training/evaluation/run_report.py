@@ -16,6 +16,7 @@ from cxr_pipeline.training.evaluation.results import dataset_version, latest_run
 
 DETAIL_COLUMNS = ["label", *(name for name in metric_columns.names() if name != "operating_point")]
 
+
 def operating_point_section(run_dir: Path, stage: str) -> list[str]:
     """Every policy's val-chosen thresholds, applied unchanged to val and test, with 95% CIs."""
     path = run_dir / f"operating_points_{stage}.csv"

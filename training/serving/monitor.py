@@ -46,7 +46,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cxr_pipeline.training.evaluation import prevalence
-from cxr_pipeline.training.evaluation.results import (is_table_name, quoted, read_with_spark, resolve_engine,
+from cxr_pipeline.training.evaluation.results import (quoted, read_with_spark, refuse_catalog_name, resolve_engine,
                                                       save_delta, spark_frame, spark_session, table_exists)
 
 PREVALENCE_SHIFT = 0.10  # absolute: 0.74 -> 0.62 is a shift, 0.74 -> 0.66 is not
@@ -207,9 +207,7 @@ def write_rows(table_uri: str, rows: pd.DataFrame, engine: str = "auto") -> str:
     if engine == "deltalake":
         from deltalake import write_deltalake
 
-        if is_table_name(table_uri):
-            raise SystemExit(f"--monitor-table {table_uri!r} is a catalog table name: write it with --engine "
-                             "delta-spark or auto (a Spark session with Delta, as on Databricks), or give a folder")
+        refuse_catalog_name(table_uri, "--engine")
         write_deltalake(table_uri, table, mode="append", schema_mode="merge")
     else:
         spark = spark_session()

@@ -13,18 +13,12 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow as pa
 
-from cxr_pipeline.training.evaluation.results import (delta_table, is_table_name, quoted, read_with_spark,
+from cxr_pipeline.training.evaluation.results import (delta_table, quoted, read_with_spark, refuse_catalog_name,
                                                       resolve_engine, save_delta, spark_frame, spark_session,
                                                       table_exists)
 from cxr_pipeline.training.serving.predictions import ERROR_COLUMN, KEY, to_arrow
 
 MERGE_PREDICATE = " AND ".join(f"t.{column} = s.{column}" for column in KEY)
-
-
-def refuse_catalog_name(table_uri: str) -> None:
-    if is_table_name(table_uri):
-        raise SystemExit(f"{table_uri!r} is a catalog table name: choose the delta-spark engine, or give a folder "
-                         "path")
 
 
 def earlier_rows(table_uri: str, model_uri: str, engine: str, spark=None) -> pd.DataFrame:
