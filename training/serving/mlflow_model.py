@@ -131,15 +131,8 @@ def read_allowed(value: str, root: str | None) -> bytes:
 def path_batches(paths: list[str], spec: DatasetSpec, batch_size: int, root: str | None):
     """scorer.read_batches for paths a client gave: the same ids, paths, decode and reasons, each path read
     only if allowed (read_allowed)."""
-    def decode(value: str):
-        data = read_allowed(value, root)
-        try:
-            return decode_resize(data, spec.image_size, spec.decoder)
-        except OSError as exc:  # a decoder's read error, as read_batches reports it
-            raise ImageError("unreadable_file", f"{exc.strerror or exc} ({value})") from None
-
-    for _, chunk, stored, errors in scoring.decoded_batches(paths, decode, batch_size):
-        yield list(chunk), [str(Path(value)) for value in chunk], stored, errors
+    return scoring.read_batches([(value, Path(value)) for value in paths], spec, batch_size,
+                                read=lambda entry: read_allowed(entry[0], root))
 
 
 def content_batches(contents: list[bytes], spec: DatasetSpec, batch_size: int):

@@ -164,10 +164,11 @@ def read_image(path: Path) -> bytes:
         raise ImageError("unreadable_file", f"{exc.strerror or exc} ({path})") from None
 
 
-def read_batches(paths: list[tuple[str, Path]], spec: DatasetSpec, batch_size: int):
-    """(ids, paths, stored uint8 pixels of the readable ones, {index: error}) per batch."""
+def read_batches(paths: list[tuple[str, Path]], spec: DatasetSpec, batch_size: int, read=None):
+    """(ids, paths, stored uint8 pixels of the readable ones, {index: error}) per batch. `read((id, path))` gives
+    a file's bytes or raises ImageError with the reason (default: read_image of the path)."""
     def decode(entry: tuple[str, Path]):
-        data = read_image(entry[1])
+        data = read(entry) if read else read_image(entry[1])
         try:
             return decode_resize(data, spec.image_size, spec.decoder)
         except OSError as exc:  # a decoder's read error (a truncated file)
