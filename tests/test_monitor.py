@@ -279,8 +279,8 @@ def test_the_monitor_command_prints_the_runs_and_draws_them(nightly, tmp_path):
     week = str(tmp_path / "week")
     reference = monitor.Reference((0.75, 0.1), tuple(tuple(np.quantile(calibrated_scores(2000, p, prior=p, seed=1),
                                                                      np.linspace(0.1, 0.9, 9))) for p in (0.75, 0.1)))
-    for night, prevalence in enumerate([0.75, 0.74, 0.76, 0.6, 0.4, 0.2, 0.75]):
-        scores = np.column_stack([calibrated_scores(300, prevalence, seed=night),
+    for night, share in enumerate([0.75, 0.74, 0.76, 0.6, 0.4, 0.2, 0.75]):
+        scores = np.column_stack([calibrated_scores(300, share, seed=night),
                                   calibrated_scores(300, 0.1, prior=0.1, seed=100 + night)])
         rows = monitor.monitor_rows(scores, ["Pneumonia", "Effusion"], reference, "models:/x/2",
                                     NOW + timedelta(days=night))
