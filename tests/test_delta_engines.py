@@ -118,11 +118,11 @@ def test_delta_rs_writers_refuse_a_catalog_table_name_before_writing_and_name_th
 
     monkeypatch.chdir(tmp_path)
     name = "main.cxr.anything"
-    with pytest.raises(SystemExit, match=r"'main.cxr.anything' is a catalog table name: set --results-engine to "
-                                         r"delta-spark or auto"):
+    with pytest.raises(ValueError, match=r"'main.cxr.anything' is a catalog table name: write it with "
+                                         r"--results-engine delta-spark or auto"):
         write_results(name, sample_rows("run-1", "kt", 0.6), "deltalake")
-    with pytest.raises(SystemExit, match="is a catalog table name: set --engine to delta-spark"):
+    with pytest.raises(ValueError, match="is a catalog table name: write it with --engine delta-spark"):
         monitor.write_rows(name, pd.DataFrame(columns=monitor.MONITOR_SCHEMA.names), "deltalake")
-    with pytest.raises(SystemExit, match="is a catalog table name: set the engine to delta-spark"):
+    with pytest.raises(ValueError, match="is a catalog table name: write it with the engine delta-spark"):
         write_deltalake_rows(name, None, "models:/m/1")
     assert not list(tmp_path.iterdir())

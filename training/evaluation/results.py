@@ -139,8 +139,9 @@ def refuse_catalog_name(table_uri: str, engine_flag: str = "the engine") -> None
     """delta-rs writes folders only: a catalog table name is refused before anything is written, saying what to
     do. The results, prediction and monitor tables' delta-rs writers all call it."""
     if is_table_name(table_uri):
-        raise SystemExit(f"{table_uri!r} is a catalog table name: set {engine_flag} to delta-spark or auto (a Spark "
-                         "session with Delta, as on Databricks), or give a folder path (./NAME for a folder here)")
+        raise ValueError(f"{table_uri!r} is a catalog table name: write it with {engine_flag} delta-spark or auto (a "
+                         "Spark session with Delta, as on Databricks), or give a folder path (./NAME for a folder "
+                         "here)")
 
 
 def write_with_deltalake(table_uri: str, table: pa.Table, predicate: str) -> None:
